@@ -1,0 +1,7 @@
+"""Aligner: one shared set of learnable tokens steering every layer of an LLM through a gated,
+fused flash-attention prefix."""
+
+from .attention import aligner_attention
+from .reference import aligner_attention_reference
+
+__all__ = ["aligner_attention", "aligner_attention_reference"]

@@ -1,0 +1,110 @@
+"""``aligner_attention``: the public fused op, with backend dispatch."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch import Tensor
+
+from .checks import check_attention_inputs
+from .reference import aligner_attention_reference
+from .triton_op import fused_attention_forward, load_kernels
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def _use_triton(backend: str, q: Tensor) -> bool:
+    if backend == "reference":
+        return False
+    if backend == "auto" and q.device.type != "cuda":
+        return False
+    kernels = load_kernels(q.device)
+    head_dim = q.shape[-1]
+    reason = None
+    if head_dim not in kernels.SUPPORTED_HEAD_DIMS:
+        reason = f"head_dim {head_dim} has no Triton kernel (supported: {kernels.SUPPORTED_HEAD_DIMS})"
+    elif q.dtype == torch.float64:
+        reason = "float64 has no Triton kernel (use float16, bfloat16 or float32)"
+    if reason is None:
+        return True
+    if backend == "triton":
+        raise ValueError(f"backend='triton': {reason}")
+    warnings.warn(f"aligner_attention falls back to the PyTorch reference: {reason}", stacklevel=3)
+    return False
+
+
+def aligner_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    gate: Tensor,
+    *,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Flash attention plus the gated attention to N shared prefix tokens, fused in one pass.
+
+    out = softmax(s q K^T + mask) V + gate[h] * softmax(s q PK^T) PV, with separate softmaxes
+    (DESIGN.md section 1). Arguments follow ``flash_attn_func`` / ``flash_attn_varlen_func``.
+
+    Arguments:
+        q: (batch_size, seqlen_q, nheads, headdim), or packed (total_q, nheads, headdim) with
+            ``cu_seqlens_q``. float16, bfloat16 or float32 (float64: reference backend only).
+        k: (batch_size, seqlen_k, nheads_k, headdim), or packed (total_k, nheads_k, headdim).
+            nheads must be divisible by nheads_k (MQA/GQA). Same dtype as q.
+        v: same shape and dtype as k.
+        prefix_k: (num_tokens, nheads_k, headdim) shared by the batch, or
+            (batch_size, num_tokens, nheads_k, headdim) one prefix per sequence: the Aligner
+            tokens through this layer's k_proj (no RoPE). num_tokens >= 1. Same dtype as q.
+        prefix_v: same shape and dtype as prefix_k (the tokens through v_proj).
+        gate: (nheads,), this layer's per-head gate; float32 even when q is half precision.
+        causal: causal mask over the sequence, aligned to the bottom-right corner when
+            seqlen_q < seqlen_k (decoding with a KV cache). Prefix tokens are always visible.
+        softmax_scale: defaults to 1 / sqrt(headdim).
+        cu_seqlens_q: (batch_size + 1,) int32, cumulative query lengths of a packed batch.
+        cu_seqlens_k: (batch_size + 1,) int32, cumulative key lengths.
+        max_seqlen_q: longest query sequence of the packed batch (computed if None).
+        max_seqlen_k: longest key sequence of the packed batch (computed if None).
+        backend: "auto" (Triton on CUDA tensors, the PyTorch reference elsewhere), "triton"
+            (CPU tensors run through the Triton interpreter) or "reference". Defaults to the
+            ``ALIGNER_BACKEND`` environment variable, else "auto".
+
+    Returns:
+        out: (batch_size, seqlen_q, nheads, headdim), or packed (total_q, nheads, headdim); q's
+        dtype. Differentiable in q, k, v, prefix_k, prefix_v and gate.
+    """
+    backend = backend or os.environ.get("ALIGNER_BACKEND", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    max_seqlen_q, max_seqlen_k = check_attention_inputs(
+        q, k, v, prefix_k, prefix_v, gate,
+        causal=causal, softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+    )  # fmt: skip
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    if not _use_triton(backend, q):
+        return aligner_attention_reference(
+            q, k, v, prefix_k, prefix_v, gate,
+            causal=causal, softmax_scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        )  # fmt: skip
+
+    packed = cu_seqlens_q is not None
+    if not packed:  # a padded batch is a packed batch of equal lengths
+        batch = q.shape[0]
+        cu_seqlens_q = torch.arange(0, (batch + 1) * max_seqlen_q, max_seqlen_q, dtype=torch.int32, device=q.device)
+        cu_seqlens_k = torch.arange(0, (batch + 1) * max_seqlen_k, max_seqlen_k, dtype=torch.int32, device=q.device)
+        q, k, v = (x.reshape(-1, *x.shape[2:]) for x in (q, k, v))
+    out, _, _ = fused_attention_forward(
+        q, k, v, prefix_k, prefix_v, gate.float(), cu_seqlens_q, cu_seqlens_k,
+        max_seqlen_q, max_seqlen_k, float(scale), causal,
+    )  # fmt: skip
+    return out if packed else out.view(-1, max_seqlen_q, *out.shape[1:])

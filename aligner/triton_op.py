@@ -1,0 +1,131 @@
+"""The Triton kernels as a differentiable PyTorch op that ``torch.compile`` can capture.
+
+Registered with ``torch.library.custom_op`` (forward and backward each an opaque op with a fake
+implementation), so a compiled model keeps the fused kernel instead of graph-breaking on it.
+Inputs here are already validated and packed: q (total_q, H, D), k/v (total_k, H_kv, D),
+prefix (N, H_kv, D) or (B, N, H_kv, D), gate (H,) fp32, cu_seqlens int32 (B + 1,).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import torch
+from torch import Tensor
+
+
+def load_kernels(device: torch.device):
+    """Import the ``kernels`` package, under the Triton interpreter when the tensors live on the CPU.
+
+    Triton decides at import time whether its kernels are compiled or interpreted, so CPU
+    tensors need ``TRITON_INTERPRET=1`` before the first import of ``kernels``.
+    """
+    if "kernels.forward" not in sys.modules and device.type == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    kernels = importlib.import_module("kernels")
+    if device.type == "cpu" and not kernels.INTERPRETING:
+        raise RuntimeError(
+            "backend='triton' got CPU tensors, but the Triton kernels were already compiled for the GPU; "
+            "set TRITON_INTERPRET=1 before importing aligner to run them on the CPU through the interpreter"
+        )
+    return kernels
+
+
+def _as_batched_prefix(prefix: Tensor, batch: int) -> Tensor:
+    # The kernels always index the prefix by sequence; a shared one is read with batch stride 0.
+    return prefix.unsqueeze(0).expand(batch, *prefix.shape) if prefix.dim() == 3 else prefix
+
+
+def _last_dim_contiguous(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@torch.library.custom_op("aligner::fused_attention_forward", mutates_args=())
+def fused_attention_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    gate: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    batch = cu_seqlens_q.shape[0] - 1
+    q, k, v, prefix_k, prefix_v = map(_last_dim_contiguous, (q, k, v, prefix_k, prefix_v))
+    return load_kernels(q.device).aligner_attention_forward(
+        q, k, v, _as_batched_prefix(prefix_k, batch), _as_batched_prefix(prefix_v, batch), gate,
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+    )  # fmt: skip
+
+
+@fused_attention_forward.register_fake
+def _(q, k, v, prefix_k, prefix_v, gate, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    heads, total_q = q.shape[1], q.shape[0]
+    lse = q.new_empty((heads, total_q), dtype=torch.float32)
+    lse_prefix = q.new_empty((heads, 0 if prefix_k.shape[-3] == 1 else total_q), dtype=torch.float32)
+    return torch.empty_like(q), lse, lse_prefix
+
+
+@torch.library.custom_op("aligner::fused_attention_backward", mutates_args=())
+def fused_attention_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    gate: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    lse_prefix: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    batch = cu_seqlens_q.shape[0] - 1
+    dout, q, k, v, prefix_k, prefix_v = map(_last_dim_contiguous, (dout, q, k, v, prefix_k, prefix_v))
+    return load_kernels(q.device).aligner_attention_backward(
+        dout, q, k, v, _as_batched_prefix(prefix_k, batch), _as_batched_prefix(prefix_v, batch), gate,
+        out, lse, lse_prefix, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+        shared_prefix=prefix_k.dim() == 3,
+    )  # fmt: skip
+
+
+@fused_attention_backward.register_fake
+def _(dout, q, k, v, prefix_k, prefix_v, gate, *rest):
+    return (
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        torch.empty_like(prefix_k),
+        torch.empty_like(prefix_v),
+        torch.empty_like(gate, dtype=torch.float32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, gate, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, causal = inputs
+    out, lse, lse_prefix = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, gate, out, lse, lse_prefix, cu_seqlens_q, cu_seqlens_k)
+    ctx.options = (max_q, max_k, scale, causal)
+
+
+def _backward(ctx, dout, _dlse, _dlse_prefix):
+    q, k, v, prefix_k, prefix_v, gate, out, lse, lse_prefix, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv, dpk, dpv, dgate = fused_attention_backward(
+        dout, q, k, v, prefix_k, prefix_v, gate, out, lse, lse_prefix, cu_q, cu_k, *ctx.options
+    )
+    return dq, dk, dv, dpk, dpv, dgate.to(gate.dtype), None, None, None, None, None, None
+
+
+fused_attention_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,600 @@
+"""Backward kernels of the fused Aligner attention (DESIGN.md section 1, "Backward").
+
+Four launches, none with float atomics, so the result is the same bits run to run:
+
+1. ``aligner_attention_bwd_delta_kernel``: per query row, delta_pre = dO . O_pre (the prefix
+   output is recomputed from the stored prefix LSE, never stored) and the main-attention Delta,
+   dO . O_main = dO . O - gate * delta_pre.
+2. ``aligner_attention_bwd_dq_kernel``: per query block, dQ of the main attention plus the
+   prefix's s * sum_n dT_n PK_n.
+3. ``aligner_attention_bwd_dkdv_kernel``: per key block of one KV head, dK and dV summed over
+   every query head of its GQA group inside the program.
+4. ``aligner_attention_bwd_prefix_kernel``: per prefix chunk and KV head, dPK and dPV
+   accumulated over a fixed share of the query blocks; the few per-split partials are then
+   summed by the launcher. dgate is the sum of delta_pre over the rows.
+
+For N = 1 the prefix softmax is 1: delta_pre = dO . PV, dQ and dPK get nothing, and
+dPV = sum gate * dO.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import (
+    BACKWARD_DKDV_CONFIGS,
+    BACKWARD_DQ_CONFIGS,
+    INTERPRETING,
+    ROWWISE_CONFIGS,
+    block_d,
+    block_p,
+    dot_precision,
+    launcher,
+    multiprocessor_count,
+)
+from .forward import LOG2E, causal_key_ranges, sequence_bounds
+
+
+@triton.jit
+def prefix_probabilities(q, pk, offs_p, num_prefix, lse_prefix, qk_scale, DOT_PRECISION: tl.constexpr):
+    """Recompute A = softmax(s q PK^T) for one prefix chunk from the stored base-2 LSE."""
+    s = tl.dot(q, tl.trans(pk), input_precision=DOT_PRECISION) * qk_scale
+    a = tl.exp2(s - lse_prefix[:, None])
+    return tl.where(offs_p[None, :] < num_prefix, a, 0.0)
+
+
+@triton.jit
+def aligner_attention_bwd_delta_kernel(
+    Q,
+    PK,
+    PV,
+    Gate,
+    Out,
+    DOut,
+    LsePrefix,
+    DeltaMain,
+    DeltaPrefix,
+    CuSeqQ,
+    CuSeqK,
+    stride_qm,
+    stride_qh,
+    stride_pkb,
+    stride_pkn,
+    stride_pkh,
+    stride_pvb,
+    stride_pvn,
+    stride_pvh,
+    stride_om,
+    stride_oh,
+    stride_dom,
+    stride_doh,
+    stride_lh,
+    num_prefix,
+    qk_scale,
+    max_seqlen_q,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    SINGLE_TOKEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    head = tl.program_id(1)
+    b = tl.program_id(2)
+    kv_head = head // GROUP
+    q_start, len_q, _, _ = sequence_bounds(CuSeqQ, CuSeqK, b)
+    if start_m * BLOCK_M >= len_q:
+        return
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_mask = offs_m < len_q
+    mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    rows = q_start.to(tl.int64) + offs_m[:, None]
+    o = tl.load(Out + rows * stride_om + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DOut + rows * stride_dom + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+
+    pv_ptrs = PV + b * stride_pvb + kv_head * stride_pvh + offs_d[None, :]
+    row_offset = head * stride_lh + q_start + offs_m
+    if SINGLE_TOKEN:
+        pv = tl.load(pv_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        delta_prefix = tl.sum(do.to(tl.float32) * pv.to(tl.float32), 1)
+    else:
+        q = tl.load(Q + rows * stride_qm + head * stride_qh + offs_d[None, :], mask=mask, other=0.0)
+        lse_prefix = tl.load(LsePrefix + row_offset, mask=row_mask, other=float("inf"))
+        pk_ptrs = PK + b * stride_pkb + kv_head * stride_pkh + offs_d[None, :]
+        delta_prefix = tl.zeros([BLOCK_M], dtype=tl.float32)
+        # dO . O_pre = sum_n A_n (dO . PV_n): O_pre itself is never formed.
+        for start_p in range(0, num_prefix, BLOCK_P):
+            offs_p = start_p + tl.arange(0, BLOCK_P)
+            p_mask = (offs_p[:, None] < num_prefix) & (offs_d[None, :] < HEAD_DIM)
+            pk = tl.load(pk_ptrs + offs_p[:, None] * stride_pkn, mask=p_mask, other=0.0)
+            pv = tl.load(pv_ptrs + offs_p[:, None] * stride_pvn, mask=p_mask, other=0.0)
+            a = prefix_probabilities(q, pk, offs_p, num_prefix, lse_prefix, qk_scale, DOT_PRECISION)
+            dp = tl.dot(do, tl.trans(pv), input_precision=DOT_PRECISION)
+            delta_prefix += tl.sum(a * dp, 1)
+    gate = tl.load(Gate + head)
+    tl.store(DeltaMain + row_offset, delta - gate * delta_prefix, mask=row_mask)
+    tl.store(DeltaPrefix + row_offset, delta_prefix, mask=row_mask)
+
+
+@triton.jit
+def main_dq_tiles(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_ptrs,
+    v_ptrs,
+    stride_km,
+    stride_vm,
+    offs_m,
+    offs_d,
+    key_lo,
+    key_hi,
+    len_q,
+    len_k,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dQ (unscaled) of the main attention from keys [key_lo, key_hi)."""
+    for start_n in range(key_lo, key_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n[:, None] < len_k) & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(k_ptrs + offs_n[:, None] * stride_km, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs + offs_n[:, None] * stride_vm, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            visible = offs_n[None, :] < len_k
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + (len_k - len_q))
+            s = tl.where(visible, s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def aligner_attention_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    PK,
+    PV,
+    Gate,
+    DOut,
+    DQ,
+    Lse,
+    LsePrefix,
+    DeltaMain,
+    DeltaPrefix,
+    CuSeqQ,
+    CuSeqK,
+    stride_qm,
+    stride_qh,
+    stride_km,
+    stride_kh,
+    stride_vm,
+    stride_vh,
+    stride_pkb,
+    stride_pkn,
+    stride_pkh,
+    stride_pvb,
+    stride_pvn,
+    stride_pvh,
+    stride_dom,
+    stride_doh,
+    stride_dqm,
+    stride_dqh,
+    stride_lh,
+    num_prefix,
+    sm_scale,
+    qk_scale,
+    max_seqlen_q,
+    max_seqlen_k,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    SINGLE_TOKEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    head = tl.program_id(1)
+    b = tl.program_id(2)
+    kv_head = head // GROUP
+    q_start, len_q, k_start, len_k = sequence_bounds(CuSeqQ, CuSeqK, b)
+    if start_m * BLOCK_M >= len_q:
+        return
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_mask = offs_m < len_q
+    mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    rows = q_start.to(tl.int64) + offs_m[:, None]
+    q = tl.load(Q + rows * stride_qm + head * stride_qh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DOut + rows * stride_dom + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    row_offset = head * stride_lh + q_start + offs_m
+    # Rows past the sequence get lse = +inf, hence p = 0.
+    lse = tl.load(Lse + row_offset, mask=row_mask, other=float("inf"))
+    delta = tl.load(DeltaMain + row_offset, mask=row_mask, other=0.0)
+    k_ptrs = K + k_start.to(tl.int64) * stride_km + kv_head * stride_kh + offs_d[None, :]
+    v_ptrs = V + k_start.to(tl.int64) * stride_vm + kv_head * stride_vh + offs_d[None, :]
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full_end, end = causal_key_ranges(start_m, len_q, len_k, CAUSAL, BLOCK_M, BLOCK_N)
+    dq = main_dq_tiles(
+        dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_km, stride_vm, offs_m, offs_d, 0, full_end,
+        len_q, len_k, qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+    dq = main_dq_tiles(
+        dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_km, stride_vm, offs_m, offs_d, full_end, end,
+        len_q, len_k, qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+
+    if not SINGLE_TOKEN:
+        # Prefix part: dT = A * (gate dO.PV - gate delta_pre), dq += sum_n dT_n PK_n.
+        gate = tl.load(Gate + head)
+        lse_prefix = tl.load(LsePrefix + row_offset, mask=row_mask, other=float("inf"))
+        delta_prefix = tl.load(DeltaPrefix + row_offset, mask=row_mask, other=0.0)
+        pk_ptrs = PK + b * stride_pkb + kv_head * stride_pkh + offs_d[None, :]
+        pv_ptrs = PV + b * stride_pvb + kv_head * stride_pvh + offs_d[None, :]
+        for start_p in range(0, num_prefix, BLOCK_P):
+            offs_p = start_p + tl.arange(0, BLOCK_P)
+            p_mask = (offs_p[:, None] < num_prefix) & (offs_d[None, :] < HEAD_DIM)
+            pk = tl.load(pk_ptrs + offs_p[:, None] * stride_pkn, mask=p_mask, other=0.0)
+            pv = tl.load(pv_ptrs + offs_p[:, None] * stride_pvn, mask=p_mask, other=0.0)
+            a = prefix_probabilities(q, pk, offs_p, num_prefix, lse_prefix, qk_scale, DOT_PRECISION)
+            dp = tl.dot(do, tl.trans(pv), input_precision=DOT_PRECISION)
+            dt = gate * a * (dp - delta_prefix[:, None])
+            dq += tl.dot(dt.to(pk.dtype), pk, input_precision=DOT_PRECISION)
+
+    dq_ptrs = DQ + rows * stride_dqm + head * stride_dqh + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def main_dkdv_tiles(
+    dk,
+    dv,
+    k,
+    v,
+    q_ptrs,
+    do_ptrs,
+    lse_ptrs,
+    delta_ptrs,
+    stride_qm,
+    stride_dom,
+    offs_n,
+    offs_d,
+    row_lo,
+    row_hi,
+    len_q,
+    len_k,
+    qk_scale,
+    MASKED: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dK (unscaled) and dV of one key block from query rows [row_lo, row_hi) of one head."""
+    for start_m in range(row_lo, row_hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_mask = offs_m < len_q
+        mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+        q = tl.load(q_ptrs + offs_m[:, None] * stride_qm, mask=mask, other=0.0)
+        do = tl.load(do_ptrs + offs_m[:, None] * stride_dom, mask=mask, other=0.0)
+        lse = tl.load(lse_ptrs + offs_m, mask=row_mask, other=float("inf"))
+        delta = tl.load(delta_ptrs + offs_m, mask=row_mask, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:  # causal diagonal: query i sees key j iff j <= i + len_k - len_q
+            s_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (len_k - len_q), s_t, float("-inf"))
+        p_t = tl.exp2(s_t - lse[None, :])
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def aligner_attention_bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    DOut,
+    DK,
+    DV,
+    Lse,
+    DeltaMain,
+    CuSeqQ,
+    CuSeqK,
+    stride_qm,
+    stride_qh,
+    stride_km,
+    stride_kh,
+    stride_vm,
+    stride_vh,
+    stride_dom,
+    stride_doh,
+    stride_dkm,
+    stride_dkh,
+    stride_dvm,
+    stride_dvh,
+    stride_lh,
+    sm_scale,
+    qk_scale,
+    max_seqlen_q,
+    max_seqlen_k,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    start_n = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, len_q, k_start, len_k = sequence_bounds(CuSeqQ, CuSeqK, b)
+    if start_n * BLOCK_N >= len_k:
+        return
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (offs_n[:, None] < len_k) & (offs_d[None, :] < HEAD_DIM)
+    keys = k_start.to(tl.int64) + offs_n[:, None]
+    k = tl.load(K + keys * stride_km + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + keys * stride_vm + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+
+    # Query rows [row_lo, full_lo) see part of this key block (causal mask); rows from full_lo on
+    # see all of it. Without causality every row sees every key.
+    if CAUSAL:
+        shift = len_k - len_q
+        row_lo = tl.maximum(start_n * BLOCK_N - shift, 0) // BLOCK_M * BLOCK_M
+        full_lo = tl.cdiv(tl.maximum((start_n + 1) * BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
+        full_lo = tl.minimum(full_lo, tl.cdiv(len_q, BLOCK_M) * BLOCK_M)
+    else:
+        row_lo = 0
+        full_lo = 0
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # GQA: the query heads of the group are summed here, in a fixed order.
+    for head in range(kv_head * GROUP, (kv_head + 1) * GROUP):
+        rows = q_start.to(tl.int64) * stride_qm + head * stride_qh + offs_d[None, :]
+        q_ptrs = Q + rows
+        do_ptrs = DOut + q_start.to(tl.int64) * stride_dom + head * stride_doh + offs_d[None, :]
+        lse_ptrs = Lse + head * stride_lh + q_start
+        delta_ptrs = DeltaMain + head * stride_lh + q_start
+        dk, dv = main_dkdv_tiles(
+            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qm, stride_dom, offs_n, offs_d,
+            row_lo, full_lo, len_q, len_k, qk_scale, True, HEAD_DIM, BLOCK_M, DOT_PRECISION,
+        )  # fmt: skip
+        dk, dv = main_dkdv_tiles(
+            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qm, stride_dom, offs_n, offs_d,
+            full_lo, len_q, len_q, len_k, qk_scale, False, HEAD_DIM, BLOCK_M, DOT_PRECISION,
+        )  # fmt: skip
+
+    tl.store(DK + keys * stride_dkm + kv_head * stride_dkh + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=kv_mask)  # fmt: skip
+    tl.store(DV + keys * stride_dvm + kv_head * stride_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def aligner_attention_bwd_prefix_kernel(
+    Q,
+    PK,
+    PV,
+    Gate,
+    DOut,
+    DPKPartial,
+    DPVPartial,
+    LsePrefix,
+    DeltaPrefix,
+    CuSeqQ,
+    CuSeqK,
+    stride_qm,
+    stride_qh,
+    stride_pkb,
+    stride_pkn,
+    stride_pkh,
+    stride_pvb,
+    stride_pvn,
+    stride_pvh,
+    stride_dom,
+    stride_doh,
+    stride_partial_z,
+    stride_partial_n,
+    stride_partial_h,
+    stride_lh,
+    num_prefix,
+    sequences_per_program,
+    num_splits,
+    sm_scale,
+    qk_scale,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    SINGLE_TOKEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Program (chunk, kv_head, z) sums over query blocks split, split + num_splits, ... of
+    sequences [z // num_splits * sequences_per_program, + sequences_per_program) and over the
+    GROUP query heads of kv_head, then writes its partial dPK/dPV for the prefix chunk."""
+    start_p = tl.program_id(0) * BLOCK_P
+    kv_head = tl.program_id(1)
+    z = tl.program_id(2)
+    split = z % num_splits
+    first_seq = z // num_splits * sequences_per_program
+    offs_p = start_p + tl.arange(0, BLOCK_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    p_mask = (offs_p[:, None] < num_prefix) & (offs_d[None, :] < HEAD_DIM)
+    dpk = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    dpv = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    for b in range(first_seq, first_seq + sequences_per_program):
+        q_start, len_q, _, _ = sequence_bounds(CuSeqQ, CuSeqK, b)
+        pk = tl.load(PK + b * stride_pkb + kv_head * stride_pkh + offs_p[:, None] * stride_pkn + offs_d[None, :],
+                     mask=p_mask, other=0.0)  # fmt: skip
+        pv = tl.load(PV + b * stride_pvb + kv_head * stride_pvh + offs_p[:, None] * stride_pvn + offs_d[None, :],
+                     mask=p_mask, other=0.0)  # fmt: skip
+        for start_m in range(split * BLOCK_M, len_q, num_splits * BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_mask = offs_m < len_q
+            mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+            rows = q_start.to(tl.int64) + offs_m[:, None]
+            for head in range(kv_head * GROUP, (kv_head + 1) * GROUP):
+                gate = tl.load(Gate + head)
+                do = tl.load(DOut + rows * stride_dom + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+                if SINGLE_TOKEN:  # dPV = sum_rows gate * dO (stored in row 0 of the chunk)
+                    dpv += tl.where(offs_p[:, None] == 0, gate * tl.sum(do.to(tl.float32), 0)[None, :], 0.0)
+                else:
+                    q = tl.load(Q + rows * stride_qm + head * stride_qh + offs_d[None, :], mask=mask, other=0.0)
+                    row_offset = head * stride_lh + q_start + offs_m
+                    lse_prefix = tl.load(LsePrefix + row_offset, mask=row_mask, other=float("inf"))
+                    delta_prefix = tl.load(DeltaPrefix + row_offset, mask=row_mask, other=0.0)
+                    a = prefix_probabilities(q, pk, offs_p, num_prefix, lse_prefix, qk_scale, DOT_PRECISION)
+                    dp = tl.dot(do, tl.trans(pv), input_precision=DOT_PRECISION)
+                    dt = gate * a * (dp - delta_prefix[:, None])
+                    dpk += tl.dot(tl.trans(dt.to(q.dtype)), q, input_precision=DOT_PRECISION)
+                    dpv += tl.dot(tl.trans((gate * a).to(do.dtype)), do, input_precision=DOT_PRECISION)
+    out = z * stride_partial_z + kv_head * stride_partial_h + offs_p[:, None] * stride_partial_n + offs_d[None, :]
+    tl.store(DPVPartial + out, dpv, mask=p_mask)
+    if not SINGLE_TOKEN:
+        tl.store(DPKPartial + out, dpk * sm_scale, mask=p_mask)
+
+
+_DQ_KEY = ["max_seqlen_q", "max_seqlen_k", "HEAD_DIM", "GROUP", "BLOCK_P", "CAUSAL", "SINGLE_TOKEN"]
+_launch_delta = launcher(
+    aligner_attention_bwd_delta_kernel, ROWWISE_CONFIGS, key=["max_seqlen_q", "HEAD_DIM", "BLOCK_P", "SINGLE_TOKEN"]
+)
+_launch_dq = launcher(aligner_attention_bwd_dq_kernel, BACKWARD_DQ_CONFIGS, key=_DQ_KEY)
+_launch_dkdv = launcher(
+    aligner_attention_bwd_dkdv_kernel,
+    BACKWARD_DKDV_CONFIGS,
+    key=["max_seqlen_q", "max_seqlen_k", "HEAD_DIM", "GROUP", "CAUSAL"],
+)
+# The prefix kernel's grid depends on BLOCK_M through the split count, so it is not autotuned:
+# it uses the first row-wise config of its bucket.
+PREFIX_BLOCK_M = 64
+
+
+def _prefix_splits(device: torch.device, programs: int, max_seqlen_q: int, block_m: int) -> int:
+    """Query-block splits per prefix program: enough programs to fill the GPU, few partials."""
+    if device.type != "cuda":
+        return min(2, triton.cdiv(max_seqlen_q, block_m))
+    target = 2 * multiprocessor_count(device.index or 0)
+    return max(1, min(triton.cdiv(target, programs), triton.cdiv(max_seqlen_q, block_m), 64))
+
+
+def aligner_attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    gate: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    lse_prefix: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+    shared_prefix: bool,
+) -> tuple[torch.Tensor, ...]:
+    """Gradients of :func:`kernels.forward.aligner_attention_forward`'s output.
+
+    Same layouts as the forward (dout like q; prefix (B, N, H_kv, D), batch stride 0 when
+    shared). Returns dq, dk, dv like q, k, v; dprefix_k, dprefix_v as (N, H_kv, D) when
+    ``shared_prefix`` else (B, N, H_kv, D), in the prefix dtype; dgate (H,) fp32.
+    """
+    total_q, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    batch, num_prefix = prefix_k.shape[0], prefix_k.shape[1]
+    single = num_prefix == 1
+    group = heads // kv_heads
+    qk_scale = softmax_scale * LOG2E
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    delta_main = torch.empty_like(lse)
+    delta_prefix = torch.empty_like(lse)
+    common = {
+        "GROUP": group,
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": block_d(head_dim),
+        "DOT_PRECISION": dot_precision(q.dtype),
+    }
+    prefix_strides = (*prefix_k.stride()[:3], *prefix_v.stride()[:3])
+
+    def query_grid(meta):
+        return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)
+
+    _launch_delta(
+        query_grid, head_dim,
+        q, prefix_k, prefix_v, gate, out, dout, lse_prefix, delta_main, delta_prefix, cu_seqlens_q, cu_seqlens_k,
+        q.stride(0), q.stride(1), *prefix_strides, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
+        lse.stride(0), num_prefix, qk_scale, max_seqlen_q,
+        BLOCK_P=block_p(num_prefix), SINGLE_TOKEN=single, **common,
+    )  # fmt: skip
+    _launch_dq(
+        query_grid, head_dim,
+        q, k, v, prefix_k, prefix_v, gate, dout, dq, lse, lse_prefix, delta_main, delta_prefix,
+        cu_seqlens_q, cu_seqlens_k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *prefix_strides,
+        dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
+        num_prefix, softmax_scale, qk_scale, max_seqlen_q, max_seqlen_k,
+        BLOCK_P=block_p(num_prefix), CAUSAL=causal, SINGLE_TOKEN=single, **common,
+    )  # fmt: skip
+    _launch_dkdv(
+        lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), kv_heads, batch), head_dim,
+        q, k, v, dout, dk, dv, lse, delta_main, cu_seqlens_q, cu_seqlens_k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        lse.stride(0), softmax_scale, qk_scale, max_seqlen_q, max_seqlen_k,
+        CAUSAL=causal, **common,
+    )  # fmt: skip
+
+    # Prefix reductions: a shared prefix sums over every sequence, a per-sequence one over its own.
+    block_m = 16 if INTERPRETING else PREFIX_BLOCK_M
+    chunk = block_p(num_prefix)
+    chunks = 1 if single else triton.cdiv(num_prefix, chunk)
+    sequence_groups, sequences_per_program = (1, batch) if shared_prefix else (batch, 1)
+    splits = _prefix_splits(q.device, chunks * kv_heads * sequence_groups, max_seqlen_q, block_m)
+    partial_shape = (sequence_groups * splits, num_prefix, kv_heads, head_dim)
+    dpv_partial = torch.empty(partial_shape, device=q.device, dtype=torch.float32)
+    dpk_partial = torch.empty((0,) if single else partial_shape, device=q.device, dtype=torch.float32)
+    launch_options = {} if INTERPRETING else {"num_warps": 4, "num_stages": 2}
+    aligner_attention_bwd_prefix_kernel[(chunks, kv_heads, sequence_groups * splits)](
+        q, prefix_k, prefix_v, gate, dout, dpk_partial, dpv_partial, lse_prefix, delta_prefix,
+        cu_seqlens_q, cu_seqlens_k, q.stride(0), q.stride(1), *prefix_strides, dout.stride(0), dout.stride(1),
+        *dpv_partial.stride()[:3], lse.stride(0), num_prefix, sequences_per_program, splits,
+        softmax_scale, qk_scale, BLOCK_P=chunk, SINGLE_TOKEN=single, BLOCK_M=block_m, BLOCK_N=16,
+        **common, **launch_options,
+    )  # fmt: skip
+    partial_to_grad = (lambda t: t.sum(0)) if shared_prefix else (lambda t: t.view(batch, splits, *t.shape[1:]).sum(1))
+    dprefix_v = partial_to_grad(dpv_partial).to(prefix_v.dtype)
+    dprefix_k = torch.zeros_like(dprefix_v) if single else partial_to_grad(dpk_partial).to(prefix_k.dtype)
+    dgate = delta_prefix.sum(1)
+    return dq, dk, dv, dprefix_k, dprefix_v, dgate

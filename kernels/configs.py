@@ -1,0 +1,93 @@
+"""Block sizes, autotune configs and launch helpers shared by the forward and backward launchers."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from triton import knobs
+
+# Kernels exist for these head dims; the library falls back to the reference for the others.
+SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
+MAX_PREFIX_TOKENS = 512
+# The prefix is streamed in chunks of at most this many tokens (its own online softmax).
+MAX_BLOCK_P = 64
+
+INTERPRETING = knobs.runtime.interpret
+
+# Small tiles under the interpreter: several blocks per tiny test shape, so the block loops,
+# causal phases and masks are all exercised on CPU.
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
+
+
+def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim bucket. Every entry fits the shared
+# memory of an A100 (163 KB) and an H100 (227 KB) in fp16/bf16 (checked ahead of time by
+# tests/test_aot_compile.py). Large tiles with 8 warps suit Hopper, the smaller ones Ampere.
+FORWARD_CONFIGS = {
+    64: [_config(128, 64, 4, 3), _config(128, 128, 8, 3), _config(64, 64, 4, 4)],
+    128: [_config(128, 64, 8, 3), _config(128, 32, 4, 3), _config(64, 64, 4, 3)],
+    256: [_config(64, 32, 4, 2), _config(64, 64, 8, 2)],
+}
+# dQ: BLOCK_M queries per program stream BLOCK_N keys. dK/dV: BLOCK_N keys per program stream
+# BLOCK_M queries. The backward holds more tiles at once, so tiles are smaller.
+BACKWARD_DQ_CONFIGS = {
+    64: [_config(128, 64, 8, 2), _config(64, 64, 4, 3)],
+    128: [_config(128, 64, 8, 2), _config(64, 64, 4, 2)],
+    256: [_config(64, 32, 4, 1), _config(32, 32, 4, 2)],
+}
+BACKWARD_DKDV_CONFIGS = {
+    64: [_config(64, 128, 8, 2), _config(64, 64, 4, 3)],
+    128: [_config(64, 128, 8, 2), _config(32, 64, 4, 2)],
+    256: [_config(32, 64, 4, 1), _config(32, 32, 4, 2)],
+}
+# Row-wise kernels (Delta, prefix reductions): only BLOCK_M matters; BLOCK_N is unused.
+ROWWISE_CONFIGS = {
+    64: [_config(64, 16, 4, 2), _config(128, 16, 8, 2)],
+    128: [_config(64, 16, 4, 2), _config(128, 16, 8, 2)],
+    256: [_config(32, 16, 4, 1), _config(64, 16, 8, 1)],
+}
+
+
+def head_dim_bucket(head_dim: int) -> int:
+    """The config bucket of a head dim: the padded width its tiles have in registers."""
+    return max(64, triton.next_power_of_2(head_dim))
+
+
+def block_d(head_dim: int) -> int:
+    """Head dim padded to a power of two (tl.arange) and at least 16 (tl.dot)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def block_p(num_prefix: int) -> int:
+    """Prefix chunk: all N tokens at once when N <= 64, else chunks of 64; at least 16 for tl.dot."""
+    return min(MAX_BLOCK_P, max(16, triton.next_power_of_2(num_prefix)))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs (CPU tests, debugging) get true fp32 products instead of TF32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.cache
+def multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def launcher(kernel, configs_by_bucket: dict, key: list[str]):
+    """Return ``launch(grid, head_dim, *args, **kwargs)`` running ``kernel`` with the bucket's
+    autotuned config on a GPU, or the fixed small interpreter config under TRITON_INTERPRET=1."""
+    tuned = {
+        bucket: triton.autotune(configs=configs, key=key)(kernel) for bucket, configs in configs_by_bucket.items()
+    }
+
+    def launch(grid, head_dim: int, *args, **kwargs):
+        if INTERPRETING:
+            return kernel[grid](*args, **kwargs, **INTERPRETER_CONFIG)
+        return tuned[head_dim_bucket(head_dim)][grid](*args, **kwargs)
+
+    return launch
