@@ -8,9 +8,11 @@ import warnings
 import torch
 from torch import Tensor
 
+from kernels import SUPPORTED_HEAD_DIMS
+
 from .checks import check_attention_inputs
 from .reference import aligner_attention_reference
-from .triton_op import fused_attention_forward, load_kernels
+from .triton_op import fused_attention_forward
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -20,11 +22,10 @@ def _use_triton(backend: str, q: Tensor) -> bool:
         return False
     if backend == "auto" and q.device.type != "cuda":
         return False
-    kernels = load_kernels(q.device)
     head_dim = q.shape[-1]
     reason = None
-    if head_dim not in kernels.SUPPORTED_HEAD_DIMS:
-        reason = f"head_dim {head_dim} has no Triton kernel (supported: {kernels.SUPPORTED_HEAD_DIMS})"
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        reason = f"head_dim {head_dim} has no Triton kernel (supported: {SUPPORTED_HEAD_DIMS})"
     elif q.dtype == torch.float64:
         reason = "float64 has no Triton kernel (use float16, bfloat16 or float32)"
     if reason is None:
@@ -100,8 +101,12 @@ def aligner_attention(
     packed = cu_seqlens_q is not None
     if not packed:  # a padded batch is a packed batch of equal lengths
         batch = q.shape[0]
-        cu_seqlens_q = torch.arange(0, (batch + 1) * max_seqlen_q, max_seqlen_q, dtype=torch.int32, device=q.device)
-        cu_seqlens_k = torch.arange(0, (batch + 1) * max_seqlen_k, max_seqlen_k, dtype=torch.int32, device=q.device)
+        cu_seqlens_q = torch.arange(
+            0, (batch + 1) * max_seqlen_q, max_seqlen_q, dtype=torch.int32, device=q.device
+        )
+        cu_seqlens_k = torch.arange(
+            0, (batch + 1) * max_seqlen_k, max_seqlen_k, dtype=torch.int32, device=q.device
+        )
         q, k, v = (x.reshape(-1, *x.shape[2:]) for x in (q, k, v))
     out, _, _ = fused_attention_forward(
         q, k, v, prefix_k, prefix_v, gate.float(), cu_seqlens_q, cu_seqlens_k,

@@ -37,11 +37,21 @@ def check_attention_inputs(
     For packed inputs the cu_seqlens values are checked too (one device sync), except while
     ``torch.compile`` traces, where data-dependent checks cannot run.
     """
-    for name, x in (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v), ("gate", gate)):
+    for name, x in (
+        ("q", q),
+        ("k", k),
+        ("v", v),
+        ("prefix_k", prefix_k),
+        ("prefix_v", prefix_v),
+        ("gate", gate),
+    ):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         _require(x.dtype in FLOAT_DTYPES, f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-        _require(x.device == q.device, f"{name} is on {x.device} but q is on {q.device}; put all inputs on one device")
+        _require(
+            x.device == q.device,
+            f"{name} is on {x.device} but q is on {q.device}; put all inputs on one device",
+        )
     for name, x in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
         _require(x.dtype == q.dtype, f"{name} has dtype {x.dtype} but q has {q.dtype}; they must match")
 
@@ -54,9 +64,12 @@ def check_attention_inputs(
     heads, head_dim = q.shape[-2], q.shape[-1]
     kv_heads = k.shape[-2]
     _require(
-        k.shape[-1] == head_dim, f"k/v head_dim {k.shape[-1]} differs from q head_dim {head_dim}; they must match"
+        k.shape[-1] == head_dim,
+        f"k/v head_dim {k.shape[-1]} differs from q head_dim {head_dim}; they must match",
     )
-    _require(head_dim > 0 and heads > 0 and kv_heads > 0, f"q and k must have non-empty heads, got {_shape(q)}")
+    _require(
+        head_dim > 0 and heads > 0 and kv_heads > 0, f"q and k must have non-empty heads, got {_shape(q)}"
+    )
     _require(
         heads % kv_heads == 0,
         f"q's {heads} heads must be divisible by k/v's {kv_heads} heads (GQA/MQA group size)",
@@ -87,10 +100,14 @@ def check_attention_inputs(
         f"prefix_k must end in (kv_heads, head_dim) = ({kv_heads}, {head_dim}), got {_shape(prefix_k)}",
     )
     if prefix_k.dim() == 4:
-        _require(prefix_k.shape[0] == batch, f"per-sequence prefix_k has batch {prefix_k.shape[0]}, expected {batch}")
+        _require(
+            prefix_k.shape[0] == batch,
+            f"per-sequence prefix_k has batch {prefix_k.shape[0]}, expected {batch}",
+        )
     _require(gate.shape == (heads,), f"gate must have shape (heads,) = ({heads},), got {_shape(gate)}")
     _require(
-        softmax_scale is None or softmax_scale > 0, f"softmax_scale must be a positive number, got {softmax_scale}"
+        softmax_scale is None or softmax_scale > 0,
+        f"softmax_scale must be a positive number, got {softmax_scale}",
     )
     return max_seqlen_q, max_seqlen_k
 
@@ -102,7 +119,8 @@ def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     )
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         _require(
-            cu.dim() == 1 and cu.shape[0] >= 2, f"{name} must be 1-D of length batch + 1 >= 2, got {_shape(cu)}"
+            cu.dim() == 1 and cu.shape[0] >= 2,
+            f"{name} must be 1-D of length batch + 1 >= 2, got {_shape(cu)}",
         )
         _require(cu.dtype == torch.int32, f"{name} must be torch.int32 (as in flash-attn), got {cu.dtype}")
         _require(cu.device == q.device, f"{name} is on {cu.device} but q is on {q.device}")
@@ -114,7 +132,8 @@ def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     batch = cu_seqlens_q.shape[0] - 1
     if torch.compiler.is_compiling():
         _require(
-            max_seqlen_q is not None and max_seqlen_k is not None, "max_seqlen_q/k must be given under torch.compile"
+            max_seqlen_q is not None and max_seqlen_k is not None,
+            "max_seqlen_q/k must be given under torch.compile",
         )
         return batch, max_seqlen_q, max_seqlen_k
     lengths = {}

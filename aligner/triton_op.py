@@ -66,7 +66,20 @@ def fused_attention_forward(
 
 
 @fused_attention_forward.register_fake
-def _(q, k, v, prefix_k, prefix_v, gate, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+def _(
+    q,
+    k,
+    v,
+    prefix_k,
+    prefix_v,
+    gate,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    softmax_scale,
+    causal,
+):
     heads, total_q = q.shape[1], q.shape[0]
     lse = q.new_empty((heads, total_q), dtype=torch.float32)
     lse_prefix = q.new_empty((heads, 0 if prefix_k.shape[-3] == 1 else total_q), dtype=torch.float32)

@@ -26,7 +26,6 @@ import triton.language as tl
 from .configs import (
     BACKWARD_DKDV_CONFIGS,
     BACKWARD_DQ_CONFIGS,
-    INTERPRETING,
     ROWWISE_CONFIGS,
     block_d,
     block_p,
@@ -34,7 +33,7 @@ from .configs import (
     launcher,
     multiprocessor_count,
 )
-from .forward import LOG2E, causal_key_ranges, sequence_bounds
+from .forward import INTERPRETING, LOG2E, causal_key_ranges, sequence_bounds
 
 
 @triton.jit
@@ -390,9 +389,13 @@ def aligner_attention_bwd_dkdv_kernel(
             full_lo, len_q, len_q, len_k, qk_scale, False, HEAD_DIM, BLOCK_M, DOT_PRECISION,
         )  # fmt: skip
 
-    tl.store(DK + keys * stride_dkm + kv_head * stride_dkh + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-             mask=kv_mask)  # fmt: skip
-    tl.store(DV + keys * stride_dvm + kv_head * stride_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+    dk_ptrs = DK + keys * stride_dkm + kv_head * stride_dkh + offs_d[None, :]
+    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(
+        DV + keys * stride_dvm + kv_head * stride_dvh + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=kv_mask,
+    )
 
 
 @triton.jit
@@ -451,10 +454,10 @@ def aligner_attention_bwd_prefix_kernel(
     dpv = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
     for b in range(first_seq, first_seq + sequences_per_program):
         q_start, len_q, _, _ = sequence_bounds(CuSeqQ, CuSeqK, b)
-        pk = tl.load(PK + b * stride_pkb + kv_head * stride_pkh + offs_p[:, None] * stride_pkn + offs_d[None, :],
-                     mask=p_mask, other=0.0)  # fmt: skip
-        pv = tl.load(PV + b * stride_pvb + kv_head * stride_pvh + offs_p[:, None] * stride_pvn + offs_d[None, :],
-                     mask=p_mask, other=0.0)  # fmt: skip
+        pk_ptrs = PK + b * stride_pkb + kv_head * stride_pkh + offs_p[:, None] * stride_pkn + offs_d[None, :]
+        pv_ptrs = PV + b * stride_pvb + kv_head * stride_pvh + offs_p[:, None] * stride_pvn + offs_d[None, :]
+        pk = tl.load(pk_ptrs, mask=p_mask, other=0.0)
+        pv = tl.load(pv_ptrs, mask=p_mask, other=0.0)
         for start_m in range(split * BLOCK_M, len_q, num_splits * BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_mask = offs_m < len_q
@@ -462,11 +465,15 @@ def aligner_attention_bwd_prefix_kernel(
             rows = q_start.to(tl.int64) + offs_m[:, None]
             for head in range(kv_head * GROUP, (kv_head + 1) * GROUP):
                 gate = tl.load(Gate + head)
-                do = tl.load(DOut + rows * stride_dom + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+                do = tl.load(
+                    DOut + rows * stride_dom + head * stride_doh + offs_d[None, :], mask=mask, other=0.0
+                )
                 if SINGLE_TOKEN:  # dPV = sum_rows gate * dO (stored in row 0 of the chunk)
                     dpv += tl.where(offs_p[:, None] == 0, gate * tl.sum(do.to(tl.float32), 0)[None, :], 0.0)
                 else:
-                    q = tl.load(Q + rows * stride_qm + head * stride_qh + offs_d[None, :], mask=mask, other=0.0)
+                    q = tl.load(
+                        Q + rows * stride_qm + head * stride_qh + offs_d[None, :], mask=mask, other=0.0
+                    )
                     row_offset = head * stride_lh + q_start + offs_m
                     lse_prefix = tl.load(LsePrefix + row_offset, mask=row_mask, other=float("inf"))
                     delta_prefix = tl.load(DeltaPrefix + row_offset, mask=row_mask, other=0.0)
@@ -475,7 +482,12 @@ def aligner_attention_bwd_prefix_kernel(
                     dt = gate * a * (dp - delta_prefix[:, None])
                     dpk += tl.dot(tl.trans(dt.to(q.dtype)), q, input_precision=DOT_PRECISION)
                     dpv += tl.dot(tl.trans((gate * a).to(do.dtype)), do, input_precision=DOT_PRECISION)
-    out = z * stride_partial_z + kv_head * stride_partial_h + offs_p[:, None] * stride_partial_n + offs_d[None, :]
+    out = (
+        z * stride_partial_z
+        + kv_head * stride_partial_h
+        + offs_p[:, None] * stride_partial_n
+        + offs_d[None, :]
+    )
     tl.store(DPVPartial + out, dpv, mask=p_mask)
     if not SINGLE_TOKEN:
         tl.store(DPKPartial + out, dpk * sm_scale, mask=p_mask)
@@ -483,13 +495,19 @@ def aligner_attention_bwd_prefix_kernel(
 
 _DQ_KEY = ["max_seqlen_q", "max_seqlen_k", "HEAD_DIM", "GROUP", "BLOCK_P", "CAUSAL", "SINGLE_TOKEN"]
 _launch_delta = launcher(
-    aligner_attention_bwd_delta_kernel, ROWWISE_CONFIGS, key=["max_seqlen_q", "HEAD_DIM", "BLOCK_P", "SINGLE_TOKEN"]
+    aligner_attention_bwd_delta_kernel,
+    ROWWISE_CONFIGS,
+    key=["max_seqlen_q", "HEAD_DIM", "BLOCK_P", "SINGLE_TOKEN"],
+    interpreting=INTERPRETING,
 )
-_launch_dq = launcher(aligner_attention_bwd_dq_kernel, BACKWARD_DQ_CONFIGS, key=_DQ_KEY)
+_launch_dq = launcher(
+    aligner_attention_bwd_dq_kernel, BACKWARD_DQ_CONFIGS, key=_DQ_KEY, interpreting=INTERPRETING
+)
 _launch_dkdv = launcher(
     aligner_attention_bwd_dkdv_kernel,
     BACKWARD_DKDV_CONFIGS,
     key=["max_seqlen_q", "max_seqlen_k", "HEAD_DIM", "GROUP", "CAUSAL"],
+    interpreting=INTERPRETING,
 )
 # The prefix kernel's grid depends on BLOCK_M through the split count, so it is not autotuned:
 # it uses the first row-wise config of its bucket.
@@ -553,9 +571,10 @@ def aligner_attention_backward(
 
     _launch_delta(
         query_grid, head_dim,
-        q, prefix_k, prefix_v, gate, out, dout, lse_prefix, delta_main, delta_prefix, cu_seqlens_q, cu_seqlens_k,
-        q.stride(0), q.stride(1), *prefix_strides, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
-        lse.stride(0), num_prefix, qk_scale, max_seqlen_q,
+        q, prefix_k, prefix_v, gate, out, dout, lse_prefix, delta_main, delta_prefix,
+        cu_seqlens_q, cu_seqlens_k, q.stride(0), q.stride(1), *prefix_strides,
+        out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), lse.stride(0),
+        num_prefix, qk_scale, max_seqlen_q,
         BLOCK_P=block_p(num_prefix), SINGLE_TOKEN=single, **common,
     )  # fmt: skip
     _launch_dq(
@@ -593,7 +612,9 @@ def aligner_attention_backward(
         softmax_scale, qk_scale, BLOCK_P=chunk, SINGLE_TOKEN=single, BLOCK_M=block_m, BLOCK_N=16,
         **common, **launch_options,
     )  # fmt: skip
-    partial_to_grad = (lambda t: t.sum(0)) if shared_prefix else (lambda t: t.view(batch, splits, *t.shape[1:]).sum(1))
+    partial_to_grad = (
+        (lambda t: t.sum(0)) if shared_prefix else (lambda t: t.view(batch, splits, *t.shape[1:]).sum(1))
+    )
     dprefix_v = partial_to_grad(dpv_partial).to(prefix_v.dtype)
     dprefix_k = torch.zeros_like(dprefix_v) if single else partial_to_grad(dpk_partial).to(prefix_k.dtype)
     dgate = delta_prefix.sum(1)

@@ -6,15 +6,11 @@ import functools
 
 import torch
 import triton
-from triton import knobs
 
 # Kernels exist for these head dims; the library falls back to the reference for the others.
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
-MAX_PREFIX_TOKENS = 512
 # The prefix is streamed in chunks of at most this many tokens (its own online softmax).
 MAX_BLOCK_P = 64
-
-INTERPRETING = knobs.runtime.interpret
 
 # Small tiles under the interpreter: several blocks per tiny test shape, so the block loops,
 # causal phases and masks are all exercised on CPU.
@@ -78,15 +74,16 @@ def multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def launcher(kernel, configs_by_bucket: dict, key: list[str]):
+def launcher(kernel, configs_by_bucket: dict, key: list[str], interpreting: bool):
     """Return ``launch(grid, head_dim, *args, **kwargs)`` running ``kernel`` with the bucket's
     autotuned config on a GPU, or the fixed small interpreter config under TRITON_INTERPRET=1."""
     tuned = {
-        bucket: triton.autotune(configs=configs, key=key)(kernel) for bucket, configs in configs_by_bucket.items()
+        bucket: triton.autotune(configs=configs, key=key)(kernel)
+        for bucket, configs in configs_by_bucket.items()
     }
 
     def launch(grid, head_dim: int, *args, **kwargs):
-        if INTERPRETING:
+        if interpreting:
             return kernel[grid](*args, **kwargs, **INTERPRETER_CONFIG)
         return tuned[head_dim_bucket(head_dim)][grid](*args, **kwargs)
 

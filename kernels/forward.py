@@ -15,10 +15,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 
 from .configs import FORWARD_CONFIGS, block_d, block_p, dot_precision, launcher
 
 LOG2E = 1.4426950408889634
+# Whether the kernels below were decorated for the interpreter (fixed at import by TRITON_INTERPRET).
+INTERPRETING = knobs.runtime.interpret
 
 
 @triton.jit
@@ -32,7 +35,9 @@ def sequence_bounds(CuSeqQ, CuSeqK, b):
 
 
 @triton.jit
-def causal_key_ranges(start_m, len_q, len_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def causal_key_ranges(
+    start_m, len_q, len_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
     """Keys [0, full_end) are visible to every query of the block (no mask needed); keys
     [full_end, end) need the causal / length mask. Bottom-right causal alignment: query i sees
     key j iff j <= i + (len_k - len_q)."""
@@ -185,7 +190,13 @@ def aligner_attention_fwd_kernel(
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_mask = (offs_m[:, None] < len_q) & (offs_d[None, :] < HEAD_DIM)
-    q_ptrs = Q + q_start.to(tl.int64) * stride_qm + head * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    q_ptrs = (
+        Q
+        + q_start.to(tl.int64) * stride_qm
+        + head * stride_qh
+        + offs_m[:, None] * stride_qm
+        + offs_d[None, :]
+    )
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
     k_ptrs = K + k_start.to(tl.int64) * stride_km + kv_head * stride_kh + offs_d[None, :]
     v_ptrs = V + k_start.to(tl.int64) * stride_vm + kv_head * stride_vh + offs_d[None, :]
@@ -225,7 +236,13 @@ def aligner_attention_fwd_kernel(
         tl.store(LsePrefix + row_offset, lse_prefix, mask=offs_m < len_q)
 
     tl.store(Lse + row_offset, lse, mask=offs_m < len_q)
-    o_ptrs = Out + q_start.to(tl.int64) * stride_om + head * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    o_ptrs = (
+        Out
+        + q_start.to(tl.int64) * stride_om
+        + head * stride_oh
+        + offs_m[:, None] * stride_om
+        + offs_d[None, :]
+    )
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
 
 
@@ -233,6 +250,7 @@ _launch_forward = launcher(
     aligner_attention_fwd_kernel,
     FORWARD_CONFIGS,
     key=["max_seqlen_q", "max_seqlen_k", "HEAD_DIM", "GROUP", "BLOCK_P", "CAUSAL", "SINGLE_TOKEN"],
+    interpreting=INTERPRETING,
 )
 
 
