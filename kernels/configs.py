@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -76,7 +77,10 @@ def multiprocessor_count(device_index: int) -> int:
 
 def launcher(kernel, configs_by_bucket: dict, key: list[str], interpreting: bool):
     """Return ``launch(grid, head_dim, *args, **kwargs)`` running ``kernel`` with the bucket's
-    autotuned config on a GPU, or the fixed small interpreter config under TRITON_INTERPRET=1."""
+    autotuned config on a GPU, or the fixed small interpreter config under TRITON_INTERPRET=1.
+
+    ``ALIGNER_AUTOTUNE=0`` skips autotuning and takes each bucket's first config (one compile
+    per variant instead of one per config: quick test runs)."""
     tuned = {
         bucket: triton.autotune(configs=configs, key=key)(kernel)
         for bucket, configs in configs_by_bucket.items()
@@ -85,6 +89,12 @@ def launcher(kernel, configs_by_bucket: dict, key: list[str], interpreting: bool
     def launch(grid, head_dim: int, *args, **kwargs):
         if interpreting:
             return kernel[grid](*args, **kwargs, **INTERPRETER_CONFIG)
-        return tuned[head_dim_bucket(head_dim)][grid](*args, **kwargs)
+        bucket = head_dim_bucket(head_dim)
+        if os.environ.get("ALIGNER_AUTOTUNE", "1") == "0":
+            config = configs_by_bucket[bucket][0]
+            return kernel[grid](
+                *args, **kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
+            )
+        return tuned[bucket][grid](*args, **kwargs)
 
     return launch

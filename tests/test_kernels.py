@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attention_cases import TOLERANCES, assert_close_all, forward_backward, make_inputs
+from attention_cases import (
+    DEVICE,
+    check_against_reference,
+    forward_backward,
+    make_inputs,
+    requires_gpu_for_bf16,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -36,6 +42,20 @@ CASES = {
         dtype=torch.float16, seqlens=[(9, 20), (30, 30)], num_tokens=3, per_sequence=True
     ),
     "custom-scale": dict(num_tokens=4, softmax_scale=0.3),
+    "bf16-gqa-n10": pytest.param(
+        dict(dtype=torch.bfloat16, num_tokens=10, seqlen_q=40), marks=requires_gpu_for_bf16
+    ),
+    "bf16-n1-mqa": pytest.param(
+        dict(dtype=torch.bfloat16, num_tokens=1, kv_heads=1), marks=requires_gpu_for_bf16
+    ),
+    "bf16-varlen-d128-n70": pytest.param(
+        dict(dtype=torch.bfloat16, seqlens=[(9, 20), (30, 30)], num_tokens=70, head_dim=128),
+        marks=requires_gpu_for_bf16,
+    ),
+    "bf16-d64-noncausal-per-sequence": pytest.param(
+        dict(dtype=torch.bfloat16, head_dim=64, num_tokens=5, per_sequence=True, causal=False),
+        marks=requires_gpu_for_bf16,
+    ),
 }
 
 
@@ -44,10 +64,7 @@ def test_kernel_matches_reference(case):
     case = dict(case)
     options = {key: case.pop(key) for key in ("causal", "softmax_scale") if key in case}
     inputs, varlen = make_inputs(**case)
-    options.update(varlen)
-    actual = forward_backward(inputs, backend="triton", **options)
-    expected = forward_backward(inputs, backend="reference", **options)
-    assert_close_all(actual, expected, atol=TOLERANCES[inputs[0].dtype])
+    check_against_reference(inputs, **options, **varlen)
 
 
 def test_one_token_fast_path_equals_general_formula():
@@ -85,7 +102,7 @@ def test_zero_gate_is_plain_attention_exactly():
 
 def test_per_sequence_prefix_equals_each_sequence_alone():
     inputs, _ = make_inputs(batch=3, num_tokens=4, per_sequence=True, seqlen_q=18)
-    dout = torch.randn(inputs[0].shape)
+    dout = torch.randn(inputs[0].shape, device=DEVICE)
     out, grads = forward_backward(inputs, dout)
     q, k, v, pk, pv, gate = inputs
     for b in range(3):
@@ -101,7 +118,7 @@ def test_varlen_equals_padded_batch():
     """Packed sequences == the same sequences run one by one in the padded (batch) layout."""
     lengths = [11, 24, 3]
     inputs, varlen = make_inputs(seqlens=[(n, n) for n in lengths], num_tokens=6)
-    dout = torch.randn(inputs[0].shape)
+    dout = torch.randn(inputs[0].shape, device=DEVICE)
     out, grads = forward_backward(inputs, dout, **varlen)
     q, k, v, pk, pv, gate = inputs
     start = 0
@@ -160,6 +177,4 @@ def test_kernel_property(data, group, kv_heads, head_dim, num_tokens, causal, pe
         per_sequence=per_sequence,
         seed=data.draw(st.integers(0, 2**16), label="seed"),
     )
-    actual = forward_backward(inputs, causal=causal, **varlen)
-    expected = forward_backward(inputs, backend="reference", causal=causal, **varlen)
-    assert_close_all(actual, expected, atol=TOLERANCES[torch.float32])
+    check_against_reference(inputs, causal=causal, **varlen)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from attention_cases import DEVICE
 from torch import nn
 
 from aligner import AlignerFlashAttention, AlignerPrefix, aligner_attention_reference, project_prefix
@@ -33,7 +34,10 @@ class ToyAttention(nn.Module):
 
 def make_block(backend: str, seed: int = 0) -> tuple[ToyAttention, AlignerPrefix]:
     torch.manual_seed(seed)
-    block, prefix = ToyAttention(backend), AlignerPrefix(num_tokens=3, hidden_size=HIDDEN)
+    block, prefix = (
+        ToyAttention(backend).to(DEVICE),
+        AlignerPrefix(num_tokens=3, hidden_size=HIDDEN).to(DEVICE),
+    )
     block.requires_grad_(False)
     block.aligner.gate.requires_grad_(True)
     return block, prefix
@@ -52,7 +56,7 @@ def test_prefix_parameters():
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_fresh_aligner_leaves_attention_unchanged(backend):
     block, prefix = make_block(backend)
-    x = torch.randn(2, 10, HIDDEN)
+    x = torch.randn(2, 10, HIDDEN, device=DEVICE)
     q = block.q_proj(x).view(2, 10, HEADS, HEAD_DIM).transpose(1, 2)
     k = block.k_proj(x).view(2, 10, KV_HEADS, HEAD_DIM).transpose(1, 2)
     v = block.v_proj(x).view(2, 10, KV_HEADS, HEAD_DIM).transpose(1, 2)
@@ -66,7 +70,7 @@ def test_gradients_reach_prefix_tokens_and_gate(backend):
     block, prefix = make_block(backend)
     with torch.no_grad():
         block.aligner.gate.fill_(0.5)
-    block(torch.randn(2, 10, HIDDEN), prefix()).square().sum().backward()
+    block(torch.randn(2, 10, HIDDEN, device=DEVICE), prefix()).square().sum().backward()
     assert prefix.tokens.grad is not None and prefix.tokens.grad.abs().sum() > 0
     assert block.aligner.gate.grad is not None and block.aligner.gate.grad.abs().sum() > 0
     assert all(p.grad is None for name, p in block.named_parameters() if "aligner" not in name)
@@ -76,7 +80,7 @@ def test_matches_reference_with_projected_prefix():
     block, prefix = make_block("triton")
     with torch.no_grad():
         block.aligner.gate.normal_()
-    x = torch.randn(2, 12, HIDDEN)
+    x = torch.randn(2, 12, HIDDEN, device=DEVICE)
     q = block.q_proj(x).view(2, 12, HEADS, HEAD_DIM)
     k = block.k_proj(x).view(2, 12, KV_HEADS, HEAD_DIM)
     v = block.v_proj(x).view(2, 12, KV_HEADS, HEAD_DIM)
@@ -85,7 +89,7 @@ def test_matches_reference_with_projected_prefix():
     expected = aligner_attention_reference(q, k, v, pk, pv, block.aligner.gate)
     torch.testing.assert_close(block.aligner(q, k, v, (pk, pv)), expected, atol=1e-5, rtol=1e-5)
     # Per-sequence tokens (B, N, hidden) project to (B, N, H_kv, D).
-    tokens = torch.randn(2, 3, HIDDEN)
+    tokens = torch.randn(2, 3, HIDDEN, device=DEVICE)
     pk_b, pv_b = project_prefix(tokens, block.k_proj, block.v_proj, HEAD_DIM)
     expected = aligner_attention_reference(q, k, v, pk_b, pv_b, block.aligner.gate)
     out = block.aligner(q, k, v, tokens, k_proj=block.k_proj, v_proj=block.v_proj)
@@ -94,8 +98,8 @@ def test_matches_reference_with_projected_prefix():
 
 def test_prefix_tokens_need_projections():
     block, prefix = make_block("reference")
-    q = torch.randn(1, 4, HEADS, HEAD_DIM)
-    k = torch.randn(1, 4, KV_HEADS, HEAD_DIM)
+    q = torch.randn(1, 4, HEADS, HEAD_DIM, device=DEVICE)
+    k = torch.randn(1, 4, KV_HEADS, HEAD_DIM, device=DEVICE)
     with pytest.raises(ValueError, match="k_proj and v_proj"):
         block.aligner(q, k, k, prefix())
 
@@ -106,7 +110,7 @@ def test_torch_compile_captures_the_op(backend):
     block, prefix = make_block(backend)
     with torch.no_grad():
         block.aligner.gate.normal_()
-    x = torch.randn(2, 10, HIDDEN)
+    x = torch.randn(2, 10, HIDDEN, device=DEVICE)
     eager_out = block(x, prefix())
     eager_out.sum().backward()
     eager_grads = (prefix.tokens.grad.clone(), block.aligner.gate.grad.clone())
