@@ -40,9 +40,9 @@ def aligner_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    prefix_k: Tensor,
-    prefix_v: Tensor,
-    gate: Tensor,
+    prefix_k: Tensor | None = None,
+    prefix_v: Tensor | None = None,
+    gate: Tensor | None = None,
     *,
     causal: bool = True,
     softmax_scale: float | None = None,
@@ -68,6 +68,8 @@ def aligner_attention(
             tokens through this layer's k_proj (no RoPE). num_tokens >= 1. Same dtype as q.
         prefix_v: same shape and dtype as prefix_k (the tokens through v_proj).
         gate: (nheads,), this layer's per-head gate; float32 even when q is half precision.
+            prefix_k, prefix_v and gate all None: plain flash attention (a layer without an
+            Aligner, or one whose 1-token Aligner is merged into o_proj's bias).
         causal: causal mask over the sequence, aligned to the bottom-right corner when
             seqlen_q < seqlen_k (decoding with a KV cache). Prefix tokens are always visible.
         softmax_scale: defaults to 1 / sqrt(headdim).
@@ -99,7 +101,9 @@ def aligner_attention(
         )  # fmt: skip
 
     packed = cu_seqlens_q is not None
-    if not packed:  # a padded batch is a packed batch of equal lengths
+    if packed:  # the kernels read cu_seqlens as dense arrays
+        cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    else:  # a padded batch is a packed batch of equal lengths
         batch = q.shape[0]
         cu_seqlens_q = torch.arange(
             0, (batch + 1) * max_seqlen_q, max_seqlen_q, dtype=torch.int32, device=q.device
@@ -108,8 +112,10 @@ def aligner_attention(
             0, (batch + 1) * max_seqlen_k, max_seqlen_k, dtype=torch.int32, device=q.device
         )
         q, k, v = (x.reshape(-1, *x.shape[2:]) for x in (q, k, v))
+    if gate is not None:  # the kernels read an fp32 gate as a dense array
+        gate = gate.float().contiguous()
     out, _, _ = fused_attention_forward(
-        q, k, v, prefix_k, prefix_v, gate.float(), cu_seqlens_q, cu_seqlens_k,
+        q, k, v, prefix_k, prefix_v, gate, cu_seqlens_q, cu_seqlens_k,
         max_seqlen_q, max_seqlen_k, float(scale), causal,
     )  # fmt: skip
     return out if packed else out.view(-1, max_seqlen_q, *out.shape[1:])

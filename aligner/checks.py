@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -21,9 +23,9 @@ def check_attention_inputs(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    prefix_k: Tensor,
-    prefix_v: Tensor,
-    gate: Tensor,
+    prefix_k: Tensor | None,
+    prefix_v: Tensor | None,
+    gate: Tensor | None,
     *,
     causal: bool,
     softmax_scale: float | None,
@@ -34,17 +36,19 @@ def check_attention_inputs(
 ) -> tuple[int, int]:
     """Validate shapes, dtypes and devices; return (max_seqlen_q, max_seqlen_k).
 
-    For packed inputs the cu_seqlens values are checked too (one device sync), except while
-    ``torch.compile`` traces, where data-dependent checks cannot run.
+    prefix_k, prefix_v and gate are all given, or all None (plain attention). For packed inputs
+    the cu_seqlens values are checked too (one device sync), except while ``torch.compile``
+    traces, where data-dependent checks cannot run.
     """
-    for name, x in (
-        ("q", q),
-        ("k", k),
-        ("v", v),
-        ("prefix_k", prefix_k),
-        ("prefix_v", prefix_v),
-        ("gate", gate),
-    ):
+    _check_softmax_scale(softmax_scale)
+    prefix = {"prefix_k": prefix_k, "prefix_v": prefix_v, "gate": gate}
+    given = [name for name, x in prefix.items() if x is not None]
+    _require(
+        len(given) in (0, 3),
+        f"prefix_k, prefix_v and gate go together (all given, or all None for plain attention); got only "
+        f"{', '.join(given)}",
+    )
+    for name, x in (("q", q), ("k", k), ("v", v), *(prefix.items() if given else ())):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         _require(x.dtype in FLOAT_DTYPES, f"{name} must be a floating-point tensor, got dtype {x.dtype}")
@@ -52,7 +56,7 @@ def check_attention_inputs(
             x.device == q.device,
             f"{name} is on {x.device} but q is on {q.device}; put all inputs on one device",
         )
-    for name, x in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+    for name, x in (("k", k), ("v", v), *((("prefix_k", prefix_k), ("prefix_v", prefix_v)) if given else ())):
         _require(x.dtype == q.dtype, f"{name} has dtype {x.dtype} but q has {q.dtype}; they must match")
 
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
@@ -83,11 +87,21 @@ def check_attention_inputs(
         batch, max_seqlen_q, max_seqlen_k = q.shape[0], q.shape[1], k.shape[1]
         _require(k.shape[0] == batch, f"q has batch {batch} but k/v have batch {k.shape[0]}")
         _require(
+            min(batch, max_seqlen_q, max_seqlen_k) > 0,
+            f"q and k need batch >= 1 and seqlen >= 1, got q {_shape(q)} and k {_shape(k)}",
+        )
+        _require(
             not causal or max_seqlen_q <= max_seqlen_k,
             f"causal attention needs seqlen_q <= seqlen_k (bottom-right aligned), got q {max_seqlen_q}, "
             f"k {max_seqlen_k}",
         )
 
+    if given:
+        _check_prefix(prefix_k, prefix_v, gate, batch, heads, kv_heads, head_dim)
+    return max_seqlen_q, max_seqlen_k
+
+
+def _check_prefix(prefix_k, prefix_v, gate, batch: int, heads: int, kv_heads: int, head_dim: int) -> None:
     expected = "(num_tokens, kv_heads, head_dim) or (batch, num_tokens, kv_heads, head_dim)"
     _require(prefix_k.dim() in (3, 4), f"prefix_k must have shape {expected}, got {_shape(prefix_k)}")
     _require(
@@ -105,11 +119,16 @@ def check_attention_inputs(
             f"per-sequence prefix_k has batch {prefix_k.shape[0]}, expected {batch}",
         )
     _require(gate.shape == (heads,), f"gate must have shape (heads,) = ({heads},), got {_shape(gate)}")
+
+
+def _check_softmax_scale(softmax_scale) -> None:
+    if softmax_scale is None:
+        return
+    is_number = isinstance(softmax_scale, (int, float)) and not isinstance(softmax_scale, bool)
     _require(
-        softmax_scale is None or softmax_scale > 0,
-        f"softmax_scale must be a positive number, got {softmax_scale}",
+        is_number and math.isfinite(softmax_scale) and softmax_scale > 0,
+        f"softmax_scale must be a positive finite number or None, got {softmax_scale!r}",
     )
-    return max_seqlen_q, max_seqlen_k
 
 
 def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> tuple[int, int, int]:
@@ -118,6 +137,8 @@ def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
         "packed inputs need both cu_seqlens_q and cu_seqlens_k",
     )
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of dtype int32, got {type(cu).__name__}")
         _require(
             cu.dim() == 1 and cu.shape[0] >= 2,
             f"{name} must be 1-D of length batch + 1 >= 2, got {_shape(cu)}",

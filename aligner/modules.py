@@ -78,6 +78,22 @@ class AlignerFlashAttention(nn.Module):
         self.causal = causal
         self.softmax_scale = softmax_scale
         self.backend = backend
+        # Set by ``aligner.merge``: the prefix is folded into o_proj's bias and skipped here.
+        self.merged = False
+        self._prefix: tuple[AlignerPrefix, ...] = ()
+
+    def attach(self, prefix: AlignerPrefix) -> None:
+        """Point this layer at the model's shared prefix. The reference is deliberately not a
+        registered submodule: the prefix belongs to the model, and every layer reads the same one."""
+        self._prefix = (prefix,)
+
+    def shared_prefix(self) -> Tensor:
+        """The attached shared prefix tokens (N, hidden)."""
+        if not self._prefix:
+            raise ValueError(
+                "no AlignerPrefix attached to this layer; call attach(prefix) or pass the prefix"
+            )
+        return self._prefix[0]()
 
     def forward(
         self,

@@ -26,21 +26,23 @@ def _softmax_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, allowed: T
 
 
 def _aligner_attention_one(q, k, v, prefix_k, prefix_v, gate, causal: bool, scale: float) -> Tensor:
-    """One sequence. q (L_q, H, D), k/v (L_k, H_kv, D), prefix (N, H_kv, D), gate (H,)."""
-    heads, kv_heads = q.shape[1], k.shape[1]
-    group = heads // kv_heads
-    # Heads first; GQA: query head h reads key/value head h // group.
-    q, k, v, pk, pv = (_upcast(t).transpose(0, 1) for t in (q, k, v, prefix_k, prefix_v))
-    k, v, pk, pv = (t.repeat_interleave(group, dim=0) for t in (k, v, pk, pv))
+    """One sequence. q (L_q, H, D), k/v (L_k, H_kv, D), prefix (N, H_kv, D) or None, gate (H,) or None."""
+    group = q.shape[1] // k.shape[1]
+
+    def heads_first(x: Tensor) -> Tensor:  # GQA: query head h reads key/value head h // group
+        return _upcast(x).transpose(0, 1).repeat_interleave(group, dim=0)
+
+    q, k, v = _upcast(q).transpose(0, 1), heads_first(k), heads_first(v)
     allowed = None
     if causal:
         len_q, len_k = q.shape[1], k.shape[1]
         i = torch.arange(len_q, device=q.device)[:, None]
         j = torch.arange(len_k, device=q.device)[None, :]
         allowed = j <= i + (len_k - len_q)  # bottom-right aligned: the last query sees every key
-    out_main = _softmax_attention(q, k, v, scale, allowed)
-    out_prefix = _softmax_attention(q, pk, pv, scale, None)  # separate softmax over the N tokens
-    out = out_main + gate.to(out_main.dtype)[:, None, None] * out_prefix
+    out = _softmax_attention(q, k, v, scale, allowed)
+    if gate is not None:  # separate softmax over the N prefix tokens, gated
+        out_prefix = _softmax_attention(q, heads_first(prefix_k), heads_first(prefix_v), scale, None)
+        out = out + gate.to(out.dtype)[:, None, None] * out_prefix
     return out.transpose(0, 1)
 
 
@@ -48,9 +50,9 @@ def aligner_attention_reference(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    prefix_k: Tensor,
-    prefix_v: Tensor,
-    gate: Tensor,
+    prefix_k: Tensor | None = None,
+    prefix_v: Tensor | None = None,
+    gate: Tensor | None = None,
     *,
     causal: bool = True,
     softmax_scale: float | None = None,
@@ -61,11 +63,12 @@ def aligner_attention_reference(
 
     Same shapes as :func:`aligner.aligner_attention`: q (B, L_q, H, D) and k/v (B, L_k, H_kv, D),
     or packed q (total_q, H, D) and k/v (total_k, H_kv, D) with ``cu_seqlens_q/k``; prefix_k/v
-    (N, H_kv, D) shared or (B, N, H_kv, D) per sequence; gate (H,). Returns q's shape and dtype.
+    (N, H_kv, D) shared or (B, N, H_kv, D) per sequence; gate (H,). With prefix_k, prefix_v and
+    gate None it is plain (flash) attention. Returns q's shape and dtype.
     Inputs are assumed valid (the public op checks them).
     """
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    per_sequence = prefix_k.dim() == 4
+    per_sequence = prefix_k is not None and prefix_k.dim() == 4
     if cu_seqlens_q is None:
         sequences = [(q[b], k[b], v[b]) for b in range(q.shape[0])]
     else:

@@ -3,7 +3,9 @@
 Registered with ``torch.library.custom_op`` (forward and backward each an opaque op with a fake
 implementation), so a compiled model keeps the fused kernel instead of graph-breaking on it.
 Inputs here are already validated and packed: q (total_q, H, D), k/v (total_k, H_kv, D),
-prefix (N, H_kv, D) or (B, N, H_kv, D), gate (H,) fp32, cu_seqlens int32 (B + 1,).
+prefix (N, H_kv, D) or (B, N, H_kv, D), gate (H,) fp32, cu_seqlens int32 (B + 1,); prefix and
+gate None for plain attention (their gradients then come back as empty tensors, since a custom
+op cannot return None, and leave the autograd function as None).
 """
 
 from __future__ import annotations
@@ -33,13 +35,15 @@ def load_kernels(device: torch.device):
     return kernels
 
 
-def _as_batched_prefix(prefix: Tensor, batch: int) -> Tensor:
+def _as_batched_prefix(prefix: Tensor | None, batch: int) -> Tensor | None:
     # The kernels always index the prefix by sequence; a shared one is read with batch stride 0.
-    return prefix.unsqueeze(0).expand(batch, *prefix.shape) if prefix.dim() == 3 else prefix
+    if prefix is None or prefix.dim() == 4:
+        return prefix
+    return prefix.unsqueeze(0).expand(batch, *prefix.shape)
 
 
-def _last_dim_contiguous(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+def _last_dim_contiguous(x: Tensor | None) -> Tensor | None:
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
 
 
 @torch.library.custom_op("aligner::fused_attention_forward", mutates_args=())
@@ -47,9 +51,9 @@ def fused_attention_forward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    prefix_k: Tensor,
-    prefix_v: Tensor,
-    gate: Tensor,
+    prefix_k: Tensor | None,
+    prefix_v: Tensor | None,
+    gate: Tensor | None,
     cu_seqlens_q: Tensor,
     cu_seqlens_k: Tensor,
     max_seqlen_q: int,
@@ -82,7 +86,8 @@ def _(
 ):
     heads, total_q = q.shape[1], q.shape[0]
     lse = q.new_empty((heads, total_q), dtype=torch.float32)
-    lse_prefix = q.new_empty((heads, 0 if prefix_k.shape[-3] == 1 else total_q), dtype=torch.float32)
+    many_tokens = prefix_k is not None and prefix_k.shape[-3] > 1
+    lse_prefix = q.new_empty((heads, total_q if many_tokens else 0), dtype=torch.float32)
     return torch.empty_like(q), lse, lse_prefix
 
 
@@ -92,9 +97,9 @@ def fused_attention_backward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    prefix_k: Tensor,
-    prefix_v: Tensor,
-    gate: Tensor,
+    prefix_k: Tensor | None,
+    prefix_v: Tensor | None,
+    gate: Tensor | None,
     out: Tensor,
     lse: Tensor,
     lse_prefix: Tensor,
@@ -107,15 +112,23 @@ def fused_attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     batch = cu_seqlens_q.shape[0] - 1
     dout, q, k, v, prefix_k, prefix_v = map(_last_dim_contiguous, (dout, q, k, v, prefix_k, prefix_v))
-    return load_kernels(q.device).aligner_attention_backward(
+    grads = load_kernels(q.device).aligner_attention_backward(
         dout, q, k, v, _as_batched_prefix(prefix_k, batch), _as_batched_prefix(prefix_v, batch), gate,
         out, lse, lse_prefix, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-        shared_prefix=prefix_k.dim() == 3,
+        shared_prefix=prefix_k is not None and prefix_k.dim() == 3,
     )  # fmt: skip
+    return tuple(q.new_empty(0) if grad is None else grad for grad in grads)
 
 
 @fused_attention_backward.register_fake
 def _(dout, q, k, v, prefix_k, prefix_v, gate, *rest):
+    if prefix_k is None:
+        return (
+            torch.empty_like(q),
+            torch.empty_like(k),
+            torch.empty_like(v),
+            *(q.new_empty(0) for _ in range(3)),
+        )
     return (
         torch.empty_like(q),
         torch.empty_like(k),
@@ -138,7 +151,8 @@ def _backward(ctx, dout, _dlse, _dlse_prefix):
     dq, dk, dv, dpk, dpv, dgate = fused_attention_backward(
         dout, q, k, v, prefix_k, prefix_v, gate, out, lse, lse_prefix, cu_q, cu_k, *ctx.options
     )
-    return dq, dk, dv, dpk, dpv, dgate.to(gate.dtype), None, None, None, None, None, None
+    prefix_grads = (None, None, None) if gate is None else (dpk, dpv, dgate.to(gate.dtype))
+    return dq, dk, dv, *prefix_grads, None, None, None, None, None, None
 
 
 fused_attention_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -14,7 +14,7 @@ Four launches, none with float atomics, so the result is the same bits run to ru
    summed by the launcher. dgate is the sum of delta_pre over the rows.
 
 For N = 1 the prefix softmax is 1: delta_pre = dO . PV, dQ and dPK get nothing, and
-dPV = sum gate * dO.
+dPV = sum gate * dO. Without a prefix, this is the plain flash-attention backward.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import configs
 from .configs import (
     BACKWARD_DKDV_CONFIGS,
     BACKWARD_DQ_CONFIGS,
@@ -32,8 +33,18 @@ from .configs import (
     dot_precision,
     launcher,
     multiprocessor_count,
+    prefix_variant,
 )
-from .forward import INTERPRETING, LOG2E, causal_key_ranges, sequence_bounds
+from .forward import (
+    INTERPRETING,
+    LOG2E,
+    MANY_TOKENS,
+    NO_PREFIX,
+    ONE_TOKEN,
+    causal_key_ranges,
+    sequence_bounds,
+    with_prefix_placeholders,
+)
 
 
 @triton.jit
@@ -77,7 +88,7 @@ def aligner_attention_bwd_delta_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr,
-    SINGLE_TOKEN: tl.constexpr,
+    PREFIX: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -100,7 +111,10 @@ def aligner_attention_bwd_delta_kernel(
 
     pv_ptrs = PV + b * stride_pvb + kv_head * stride_pvh + offs_d[None, :]
     row_offset = head * stride_lh + q_start + offs_m
-    if SINGLE_TOKEN:
+    if PREFIX == NO_PREFIX:
+        tl.store(DeltaMain + row_offset, delta, mask=row_mask)
+        return
+    if PREFIX == ONE_TOKEN:
         pv = tl.load(pv_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
         delta_prefix = tl.sum(do.to(tl.float32) * pv.to(tl.float32), 1)
     else:
@@ -208,7 +222,7 @@ def aligner_attention_bwd_dq_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr,
     CAUSAL: tl.constexpr,
-    SINGLE_TOKEN: tl.constexpr,
+    PREFIX: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -245,7 +259,7 @@ def aligner_attention_bwd_dq_kernel(
         len_q, len_k, qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
 
-    if not SINGLE_TOKEN:
+    if PREFIX == MANY_TOKENS:
         # Prefix part: dT = A * (gate dO.PV - gate delta_pre), dq += sum_n dT_n PK_n.
         gate = tl.load(Gate + head)
         lse_prefix = tl.load(LsePrefix + row_offset, mask=row_mask, other=float("inf"))
@@ -434,7 +448,7 @@ def aligner_attention_bwd_prefix_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr,
-    SINGLE_TOKEN: tl.constexpr,
+    PREFIX: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -468,7 +482,7 @@ def aligner_attention_bwd_prefix_kernel(
                 do = tl.load(
                     DOut + rows * stride_dom + head * stride_doh + offs_d[None, :], mask=mask, other=0.0
                 )
-                if SINGLE_TOKEN:  # dPV = sum_rows gate * dO (stored in row 0 of the chunk)
+                if PREFIX == ONE_TOKEN:  # dPV = sum_rows gate * dO (stored in row 0 of the chunk)
                     dpv += tl.where(offs_p[:, None] == 0, gate * tl.sum(do.to(tl.float32), 0)[None, :], 0.0)
                 else:
                     q = tl.load(
@@ -489,15 +503,15 @@ def aligner_attention_bwd_prefix_kernel(
         + offs_d[None, :]
     )
     tl.store(DPVPartial + out, dpv, mask=p_mask)
-    if not SINGLE_TOKEN:
+    if PREFIX == MANY_TOKENS:
         tl.store(DPKPartial + out, dpk * sm_scale, mask=p_mask)
 
 
-_DQ_KEY = ["max_seqlen_q", "max_seqlen_k", "HEAD_DIM", "GROUP", "BLOCK_P", "CAUSAL", "SINGLE_TOKEN"]
+_DQ_KEY = ["max_seqlen_q", "max_seqlen_k", "HEAD_DIM", "GROUP", "BLOCK_P", "CAUSAL", "PREFIX"]
 _launch_delta = launcher(
     aligner_attention_bwd_delta_kernel,
     ROWWISE_CONFIGS,
-    key=["max_seqlen_q", "HEAD_DIM", "BLOCK_P", "SINGLE_TOKEN"],
+    key=["max_seqlen_q", "HEAD_DIM", "BLOCK_P", "PREFIX"],
     interpreting=INTERPRETING,
 )
 _launch_dq = launcher(
@@ -527,9 +541,9 @@ def aligner_attention_backward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    prefix_k: torch.Tensor,
-    prefix_v: torch.Tensor,
-    gate: torch.Tensor,
+    prefix_k: torch.Tensor | None,
+    prefix_v: torch.Tensor | None,
+    gate: torch.Tensor | None,
     out: torch.Tensor,
     lse: torch.Tensor,
     lse_prefix: torch.Tensor,
@@ -544,20 +558,23 @@ def aligner_attention_backward(
     """Gradients of :func:`kernels.forward.aligner_attention_forward`'s output.
 
     Same layouts as the forward (dout like q; prefix (B, N, H_kv, D), batch stride 0 when
-    shared). Returns dq, dk, dv like q, k, v; dprefix_k, dprefix_v as (N, H_kv, D) when
-    ``shared_prefix`` else (B, N, H_kv, D), in the prefix dtype; dgate (H,) fp32.
+    shared, or None). Returns dq, dk, dv like q, k, v; dprefix_k, dprefix_v as (N, H_kv, D)
+    when ``shared_prefix`` else (B, N, H_kv, D), in the prefix dtype, and dgate (H,) fp32 (all
+    three None without a prefix).
     """
     total_q, heads, head_dim = q.shape
     kv_heads = k.shape[1]
-    batch, num_prefix = prefix_k.shape[0], prefix_k.shape[1]
-    single = num_prefix == 1
+    batch = cu_seqlens_q.shape[0] - 1
+    has_prefix = prefix_k is not None
+    prefix_k, prefix_v, gate, num_prefix = with_prefix_placeholders(prefix_k, prefix_v, gate, q)
+    variant = prefix_variant(num_prefix)
     group = heads // kv_heads
     qk_scale = softmax_scale * LOG2E
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     delta_main = torch.empty_like(lse)
-    delta_prefix = torch.empty_like(lse)
+    delta_prefix = torch.empty_like(lse) if has_prefix else lse.new_empty((heads, 0))
     common = {
         "GROUP": group,
         "HEAD_DIM": head_dim,
@@ -575,7 +592,7 @@ def aligner_attention_backward(
         cu_seqlens_q, cu_seqlens_k, q.stride(0), q.stride(1), *prefix_strides,
         out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), lse.stride(0),
         num_prefix, qk_scale, max_seqlen_q,
-        BLOCK_P=block_p(num_prefix), SINGLE_TOKEN=single, **common,
+        BLOCK_P=block_p(num_prefix), PREFIX=variant, **common,
     )  # fmt: skip
     _launch_dq(
         query_grid, head_dim,
@@ -584,7 +601,7 @@ def aligner_attention_backward(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *prefix_strides,
         dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
         num_prefix, softmax_scale, qk_scale, max_seqlen_q, max_seqlen_k,
-        BLOCK_P=block_p(num_prefix), CAUSAL=causal, SINGLE_TOKEN=single, **common,
+        BLOCK_P=block_p(num_prefix), CAUSAL=causal, PREFIX=variant, **common,
     )  # fmt: skip
     _launch_dkdv(
         lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), kv_heads, batch), head_dim,
@@ -595,7 +612,10 @@ def aligner_attention_backward(
         CAUSAL=causal, **common,
     )  # fmt: skip
 
+    if not has_prefix:
+        return dq, dk, dv, None, None, None
     # Prefix reductions: a shared prefix sums over every sequence, a per-sequence one over its own.
+    single = variant == configs.ONE_TOKEN
     block_m = 16 if INTERPRETING else PREFIX_BLOCK_M
     chunk = block_p(num_prefix)
     chunks = 1 if single else triton.cdiv(num_prefix, chunk)
@@ -609,7 +629,7 @@ def aligner_attention_backward(
         q, prefix_k, prefix_v, gate, dout, dpk_partial, dpv_partial, lse_prefix, delta_prefix,
         cu_seqlens_q, cu_seqlens_k, q.stride(0), q.stride(1), *prefix_strides, dout.stride(0), dout.stride(1),
         *dpv_partial.stride()[:3], lse.stride(0), num_prefix, sequences_per_program, splits,
-        softmax_scale, qk_scale, BLOCK_P=chunk, SINGLE_TOKEN=single, BLOCK_M=block_m, BLOCK_N=16,
+        softmax_scale, qk_scale, BLOCK_P=chunk, PREFIX=variant, BLOCK_M=block_m, BLOCK_N=16,
         **common, **launch_options,
     )  # fmt: skip
     partial_to_grad = (

@@ -9,7 +9,7 @@ import torch
 import triton
 
 # Kernels exist for these head dims; the library falls back to the reference for the others.
-SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 96, 128, 256)
 # The prefix is streamed in chunks of at most this many tokens (its own online softmax).
 MAX_BLOCK_P = 64
 
@@ -50,6 +50,15 @@ ROWWISE_CONFIGS = {
 }
 
 
+# The kernels' compile-time PREFIX switch: no prefix (plain flash attention: a layer without an
+# Aligner, or a merged one), one token (closed form: softmax = 1, an epilogue add), N tokens.
+NO_PREFIX, ONE_TOKEN, MANY_TOKENS = 0, 1, 2
+
+
+def prefix_variant(num_prefix: int) -> int:
+    return NO_PREFIX if num_prefix == 0 else ONE_TOKEN if num_prefix == 1 else MANY_TOKENS
+
+
 def head_dim_bucket(head_dim: int) -> int:
     """The config bucket of a head dim: the padded width its tiles have in registers."""
     return max(64, triton.next_power_of_2(head_dim))
@@ -61,7 +70,8 @@ def block_d(head_dim: int) -> int:
 
 
 def block_p(num_prefix: int) -> int:
-    """Prefix chunk: all N tokens at once when N <= 64, else chunks of 64; at least 16 for tl.dot."""
+    """Prefix chunk: all N tokens at once when N <= 64, else chunks of 64; at least 16 for tl.dot
+    (and 16 when there is no prefix: the chunk is then never used)."""
     return min(MAX_BLOCK_P, max(16, triton.next_power_of_2(num_prefix)))
 
 

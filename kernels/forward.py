@@ -3,8 +3,9 @@
 Each program owns BLOCK_M queries of one (sequence, head). It streams the sequence's K/V tiles
 once with an online softmax, then the prefix (N <= 64: one tile) with a second, separate online
 softmax, and writes O = O_main + gate * O_pre together with the log-sum-exps the backward needs.
-N = 1 is a compile-time variant: the prefix softmax is identically 1, so O_pre = PV and the
-prefix costs one vector add in the epilogue.
+The compile-time switch PREFIX selects N tokens, one token (the prefix softmax is identically 1,
+so O_pre = PV and the prefix costs one vector add in the epilogue) or no prefix at all (plain
+flash attention, for layers without an Aligner).
 
 Sequences are always addressed through cu_seqlens (a padded batch is a packed batch of equal
 lengths), so one kernel serves both layouts. Log-sum-exps are kept in base 2 (exp2 is cheaper).
@@ -17,9 +18,14 @@ import triton
 import triton.language as tl
 from triton import knobs
 
-from .configs import FORWARD_CONFIGS, block_d, block_p, dot_precision, launcher
+from . import configs
+from .configs import FORWARD_CONFIGS, block_d, block_p, dot_precision, launcher, prefix_variant
 
 LOG2E = 1.4426950408889634
+# The PREFIX switch's values, as constants the jitted code can compare against.
+NO_PREFIX = tl.constexpr(configs.NO_PREFIX)
+ONE_TOKEN = tl.constexpr(configs.ONE_TOKEN)
+MANY_TOKENS = tl.constexpr(configs.MANY_TOKENS)
 # Whether the kernels below were decorated for the interpreter (fixed at import by TRITON_INTERPRET).
 INTERPRETING = knobs.runtime.interpret
 
@@ -174,7 +180,7 @@ def aligner_attention_fwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr,
     CAUSAL: tl.constexpr,
-    SINGLE_TOKEN: tl.constexpr,
+    PREFIX: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -220,13 +226,13 @@ def aligner_attention_fwd_kernel(
     out = acc / row_sum[:, None]
     lse = tl.where(has_keys, row_max + tl.log2(row_sum), float("inf"))
 
-    gate = tl.load(Gate + head)
     pv_ptrs = PV + b * stride_pvb + kv_head * stride_pvh + offs_d[None, :]
     row_offset = head * stride_lh + q_start + offs_m
-    if SINGLE_TOKEN:
+    if PREFIX == ONE_TOKEN:
         pv = tl.load(pv_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        out += gate * pv.to(tl.float32)
-    else:
+        out += tl.load(Gate + head) * pv.to(tl.float32)
+    elif PREFIX == MANY_TOKENS:
+        gate = tl.load(Gate + head)
         pk_ptrs = PK + b * stride_pkb + kv_head * stride_pkh + offs_d[None, :]
         out_prefix, lse_prefix = prefix_attention(
             q, pk_ptrs, pv_ptrs, stride_pkn, stride_pvn, offs_d, num_prefix, qk_scale,
@@ -246,10 +252,19 @@ def aligner_attention_fwd_kernel(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
 
 
+def with_prefix_placeholders(prefix_k, prefix_v, gate, q):
+    """Without a prefix the kernels never read PK/PV/Gate (PREFIX = NO_PREFIX compiles them out),
+    but every pointer argument must still be a valid device address: q stands in for them."""
+    if prefix_k is None:
+        placeholder = q.unsqueeze(0)
+        return placeholder, placeholder, q, 0
+    return prefix_k, prefix_v, gate, prefix_k.shape[1]
+
+
 _launch_forward = launcher(
     aligner_attention_fwd_kernel,
     FORWARD_CONFIGS,
-    key=["max_seqlen_q", "max_seqlen_k", "HEAD_DIM", "GROUP", "BLOCK_P", "CAUSAL", "SINGLE_TOKEN"],
+    key=["max_seqlen_q", "max_seqlen_k", "HEAD_DIM", "GROUP", "BLOCK_P", "CAUSAL", "PREFIX"],
     interpreting=INTERPRETING,
 )
 
@@ -258,9 +273,9 @@ def aligner_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    prefix_k: torch.Tensor,
-    prefix_v: torch.Tensor,
-    gate: torch.Tensor,
+    prefix_k: torch.Tensor | None,
+    prefix_v: torch.Tensor | None,
+    gate: torch.Tensor | None,
     cu_seqlens_q: torch.Tensor,
     cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int,
@@ -271,16 +286,18 @@ def aligner_attention_forward(
     """Launch the fused forward on packed tensors.
 
     q (total_q, H, D), k/v (total_k, H_kv, D), prefix_k/v (B, N, H_kv, D) (a shared prefix is
-    passed expanded, batch stride 0), gate (H,) fp32, cu_seqlens int32 (B + 1,). Last dims must
-    be contiguous. Returns out (total_q, H, D), lse (H, total_q) fp32 (base 2) and lse_prefix
-    (H, total_q) fp32 (empty when N = 1).
+    passed expanded, batch stride 0) or None (no prefix), gate (H,) fp32 or None, cu_seqlens
+    int32 (B + 1,). Last dims must be contiguous. Returns out (total_q, H, D), lse (H, total_q)
+    fp32 (base 2) and lse_prefix (H, total_q) fp32 (empty unless N > 1).
     """
     total_q, heads, head_dim = q.shape
-    batch, num_prefix = prefix_k.shape[0], prefix_k.shape[1]
-    single = num_prefix == 1
+    batch = cu_seqlens_q.shape[0] - 1
+    prefix_k, prefix_v, gate, num_prefix = with_prefix_placeholders(prefix_k, prefix_v, gate, q)
+    variant = prefix_variant(num_prefix)
     out = torch.empty_like(q)
     lse = torch.empty((heads, total_q), device=q.device, dtype=torch.float32)
-    lse_prefix = torch.empty((heads, 0 if single else total_q), device=q.device, dtype=torch.float32)
+    lse_rows = total_q if variant == configs.MANY_TOKENS else 0
+    lse_prefix = torch.empty((heads, lse_rows), device=q.device, dtype=torch.float32)
 
     def grid(meta):
         return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)
@@ -294,6 +311,6 @@ def aligner_attention_forward(
         out.stride(0), out.stride(1), lse.stride(0),
         num_prefix, softmax_scale * LOG2E, max_seqlen_q, max_seqlen_k,
         GROUP=heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_P=block_p(num_prefix),
-        CAUSAL=causal, SINGLE_TOKEN=single, DOT_PRECISION=dot_precision(q.dtype),
+        CAUSAL=causal, PREFIX=variant, DOT_PRECISION=dot_precision(q.dtype),
     )  # fmt: skip
     return out, lse, lse_prefix

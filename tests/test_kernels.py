@@ -24,6 +24,7 @@ CASES = {
     "gqa-causal-n3": dict(heads=4, kv_heads=2, num_tokens=3),
     "mqa-noncausal-n17": dict(heads=4, kv_heads=1, num_tokens=17, causal=False),
     "gqa-n70-chunks": dict(heads=2, kv_heads=1, num_tokens=70, seqlen_q=20),
+    "d16-n2": dict(head_dim=16, num_tokens=2, seqlen_q=21),
     "d64-n10": dict(head_dim=64, num_tokens=10, seqlen_q=33),
     "d96-n5": dict(head_dim=96, num_tokens=5, heads=2, kv_heads=1, seqlen_q=18),
     "d128-n1": dict(head_dim=128, num_tokens=1, heads=2, kv_heads=2, seqlen_q=20, batch=1),
@@ -65,6 +66,25 @@ def test_kernel_matches_reference(case):
     options = {key: case.pop(key) for key in ("causal", "softmax_scale") if key in case}
     inputs, varlen = make_inputs(**case)
     check_against_reference(inputs, **options, **varlen)
+
+
+PLAIN_CASES = {
+    "causal-gqa": dict(kv_heads=2),
+    "noncausal-mqa": dict(kv_heads=1, causal=False),
+    "decode": dict(seqlen_q=5, seqlen_k=29),
+    "varlen": dict(seqlens=[(3, 30), (17, 17), (1, 9)]),
+    "fp16-d64": dict(dtype=torch.float16, head_dim=64),
+    "bf16-d128": pytest.param(dict(dtype=torch.bfloat16, head_dim=128), marks=requires_gpu_for_bf16),
+}
+
+
+@pytest.mark.parametrize("case", PLAIN_CASES.values(), ids=PLAIN_CASES.keys())
+def test_plain_attention_without_prefix(case):
+    """No prefix (layers without an Aligner, merged layers): the kernels are a flash attention."""
+    case = dict(case)
+    options = {key: case.pop(key) for key in ("causal",) if key in case}
+    (q, k, v, *_), varlen = make_inputs(**case)
+    check_against_reference((q, k, v), **options, **varlen)
 
 
 def test_one_token_fast_path_equals_general_formula():

@@ -1,0 +1,444 @@
+"""Save, load and convert Aligners: a small JSON config plus a safetensors file of a few KB.
+
+A saved Aligner is a directory with two files:
+
+- ``aligner_config.json``: the format name and version, a fingerprint of the base model it was
+  trained on (model type, hidden size, heads, KV heads, layers, head dim), ``num_tokens``,
+  ``start_layer``, the parameter count and the SHA-256 of the weights file;
+- ``aligner_model.safetensors``: the Aligner parameters only, fp32, under the names of
+  :func:`aligner.patch.aligner_parameters` (``prefix`` (N, hidden) and ``gate.{layer}`` (H,)).
+
+Files are written atomically (a temporary file in the same directory, then ``os.replace``;
+weights first, config last), and loading never unpickles: weights go through
+``safetensors.torch.load`` (of the very bytes whose SHA-256 was checked). Only
+:func:`convert_official`, which imports the paper's own Lit-LLaMA checkpoints, calls
+``torch.load``, and then with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+from torch import Tensor
+
+from .patch import _state, aligner_parameters, patch, unpatch
+
+CONFIG_NAME = "aligner_config.json"
+WEIGHTS_NAME = "aligner_model.safetensors"
+FORMAT_NAME = "aligner"
+FORMAT_VERSION = 1
+FINGERPRINT_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "num_hidden_layers",
+    "head_dim",
+)
+
+_OFFICIAL_PREFIX = "global_value_embedding.weight"
+_OFFICIAL_GATE = re.compile(r"transformer\.h\.(\d+)\.attn\.gating_factor")
+_OFFICIAL_COPY = re.compile(r"transformer\.h\.(\d+)\.attn\.adapter_wte\.weight")
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprints and the config file
+
+
+def base_fingerprint(config: Any) -> dict[str, Any]:
+    """What an Aligner depends on in a base model's config (a ``PretrainedConfig``)."""
+    heads = config.num_attention_heads
+    return {
+        "model_type": getattr(config, "model_type", None) or type(config).__name__,
+        "hidden_size": int(config.hidden_size),
+        "num_attention_heads": int(heads),
+        "num_key_value_heads": int(getattr(config, "num_key_value_heads", None) or heads),
+        "num_hidden_layers": int(config.num_hidden_layers),
+        "head_dim": int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+    }
+
+
+def _describe(base: Mapping[str, Any]) -> str:
+    return f"{base['model_type']} " + " ".join(f"{key}={base[key]}" for key in FINGERPRINT_KEYS[1:])
+
+
+def _expected_shapes(base: Mapping[str, Any], num_tokens: int, start_layer: int) -> dict[str, tuple]:
+    shapes = {"prefix": (num_tokens, base["hidden_size"])}
+    for layer in range(start_layer, base["num_hidden_layers"]):
+        shapes[f"gate.{layer}"] = (base["num_attention_heads"],)
+    return shapes
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a saved Aligner's ``aligner_config.json`` (no weights are read).
+
+    Raises FileNotFoundError for a missing directory or file and ValueError, naming the file,
+    for anything malformed.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no Aligner directory at {directory}")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no Aligner config at {path} (expected {CONFIG_NAME} beside {WEIGHTS_NAME})")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    if config.get("format") != FORMAT_NAME:
+        raise ValueError(
+            f"{path} is not an Aligner config: 'format' is {config.get('format')!r}, not 'aligner'"
+        )
+    version = config.get("format_version")
+    if not _is_int(version) or version < 1:
+        raise ValueError(f"{path}: 'format_version' must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format_version {version}, newer than this library reads "
+            f"({FORMAT_VERSION}); upgrade the aligner package"
+        )
+    base = config.get("base")
+    if not isinstance(base, dict):
+        raise ValueError(f"{path}: 'base' must be an object with {', '.join(FINGERPRINT_KEYS)}")
+    missing = [key for key in FINGERPRINT_KEYS if key not in base]
+    if missing:
+        raise ValueError(f"{path}: 'base' lacks {', '.join(missing)}")
+    if not isinstance(base["model_type"], str):
+        raise ValueError(f"{path}: base model_type must be a string, got {base['model_type']!r}")
+    for key in FINGERPRINT_KEYS[1:]:
+        if not _is_int(base[key]) or base[key] < 1:
+            raise ValueError(f"{path}: base {key} must be a positive integer, got {base[key]!r}")
+    num_tokens, start_layer = config.get("num_tokens"), config.get("start_layer")
+    if not _is_int(num_tokens) or num_tokens < 1:
+        raise ValueError(f"{path}: 'num_tokens' must be a positive integer, got {num_tokens!r}")
+    if not _is_int(start_layer) or not 0 <= start_layer < base["num_hidden_layers"]:
+        raise ValueError(
+            f"{path}: 'start_layer' must be an integer in [0, {base['num_hidden_layers']}), "
+            f"got {start_layer!r}"
+        )
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def _write_file(directory: Path, name: str, data: bytes) -> Path:
+    """Write ``data`` to a new temporary file in ``directory`` (so that ``os.replace`` is atomic)."""
+    # Not tempfile.mkstemp, nor safetensors' save_file: both leave mode 0600 on the final file.
+    # open(..., "x") gives the usual 0666 & ~umask and never reuses an existing name.
+    tmp = directory / f".{name}.{secrets.token_hex(8)}.tmp"
+    try:
+        with open(tmp, "xb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return tmp
+
+
+def _write(directory: str | os.PathLike, tensors: dict[str, Tensor], config: dict[str, Any]) -> Path:
+    """Write both files atomically: serialise both, write each to a temporary file, then replace the
+    weights and then the config. A failure before the renames leaves the directory as it was; the
+    config records the weights' SHA-256, so a crash between the two renames is caught by ``load``."""
+    directory = Path(directory)
+    weights = safetensors_save(tensors, metadata={"format": "pt"})
+    config = {
+        **config,
+        "num_parameters": sum(t.numel() for t in tensors.values()),
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+    }
+    config_text = json.dumps(config, indent=2) + "\n"
+    directory.mkdir(parents=True, exist_ok=True)
+    temporary = []
+    try:
+        temporary.append(_write_file(directory, WEIGHTS_NAME, weights))
+        temporary.append(_write_file(directory, CONFIG_NAME, config_text.encode("utf-8")))
+        os.replace(temporary[0], directory / WEIGHTS_NAME)
+        os.replace(temporary[1], directory / CONFIG_NAME)
+    finally:
+        for tmp in temporary:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+    if hasattr(os, "O_DIRECTORY"):  # make the renames durable (POSIX)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return directory
+
+
+def _config(base: dict[str, Any], num_tokens: int, start_layer: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "base": base,
+        "num_tokens": num_tokens,
+        "start_layer": start_layer,
+        **extra,
+    }
+
+
+def save(model, directory: str | os.PathLike) -> Path:
+    """Save the Aligner of a patched ``model`` to ``directory`` (created if needed); returns the directory.
+
+    Writes ``aligner_config.json`` and ``aligner_model.safetensors`` (fp32, a few KB), each
+    atomically, weights first and config last. A previous Aligner in ``directory`` is replaced;
+    if writing fails, it is left as it was.
+    """
+    state = _state(model)
+    tensors = {}
+    for name, param in aligner_parameters(model).items():
+        if param.is_meta:
+            raise ValueError(f"Aligner parameter {name!r} is on the meta device and holds no values to save")
+        tensors[name] = param.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    config = _config(base_fingerprint(model.config), state.num_tokens, state.start_layer)
+    return _write(directory, tensors, config)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def _read_weights(directory: Path, config: Mapping[str, Any]) -> dict[str, Tensor]:
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no Aligner weights at {path}")
+    data = path.read_bytes()
+    digest = config.get("weights_sha256")
+    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+        raise ValueError(
+            f"{path} does not match the SHA-256 recorded in {directory / CONFIG_NAME}: the file is corrupt "
+            "or the two files come from different saves"
+        )
+    try:
+        return safetensors_load(data)
+    except Exception as error:  # safetensors' own SafetensorError, among others
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+
+
+def _check_tensors(tensors: Mapping[str, Tensor], expected: Mapping[str, tuple], path: Path) -> None:
+    missing = [key for key in expected if key not in tensors]
+    unexpected = sorted(key for key in tensors if key not in expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected}")
+        raise ValueError(f"{path} does not match its config: {'; '.join(parts)}")
+    for key, shape in expected.items():
+        tensor = tensors[key]
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(
+                f"{path}: {key!r} has shape {tuple(tensor.shape)} but the model expects {tuple(shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise ValueError(f"{path}: {key!r} has dtype {tensor.dtype}, expected a floating-point tensor")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: {key!r} holds NaN or infinite values")
+
+
+def load(model, directory: str | os.PathLike, *, backend: str | None = None):
+    """Load a saved Aligner into ``model`` (patching it first if needed) and return the model.
+
+    The base model must match the fingerprint the Aligner was saved with. Everything is checked
+    before the model is touched: a failing load leaves an unpatched model unpatched. An already
+    patched model must carry an Aligner of the same ``num_tokens`` and ``start_layer`` and not
+    be merged; its parameters are overwritten in place. ``backend`` goes to
+    :func:`aligner.patch.patch`. Aligner parameters on the meta device are refused (copying into
+    them would silently do nothing).
+    """
+    directory = Path(directory)
+    config = read_config(directory)
+    config_path = directory / CONFIG_NAME
+    saved_base, model_base = config["base"], base_fingerprint(model.config)
+    differing = [key for key in FINGERPRINT_KEYS if saved_base[key] != model_base[key]]
+    if differing:
+        raise ValueError(
+            f"Aligner in {directory} was made for {_describe(saved_base)} but the model is "
+            f"{_describe(model_base)} (differs in {', '.join(differing)})"
+        )
+    num_tokens, start_layer = config["num_tokens"], config["start_layer"]
+    tensors = _read_weights(directory, config)
+    weights_path = directory / WEIGHTS_NAME
+    _check_tensors(tensors, _expected_shapes(saved_base, num_tokens, start_layer), weights_path)
+    if config.get("num_parameters") not in (None, sum(t.numel() for t in tensors.values())):
+        raise ValueError(f"{config_path}: 'num_parameters' does not match the tensors in {weights_path}")
+
+    state = getattr(model, "aligner_state", None)
+    if state is not None:
+        if (state.num_tokens, state.start_layer) != (num_tokens, start_layer):
+            raise ValueError(
+                f"model already carries an Aligner with num_tokens={state.num_tokens}, "
+                f"start_layer={state.start_layer}, but {directory} holds num_tokens={num_tokens}, "
+                f"start_layer={start_layer}; call aligner.unpatch(model) first"
+            )
+        if state.merged_biases is not None:
+            raise ValueError(
+                "model's Aligner is merged into o_proj biases; call aligner.unmerge(model) first"
+            )
+        if backend is not None and backend != state.backend:
+            raise ValueError(
+                f"model is already patched with backend={state.backend!r}; unpatch it to load with "
+                f"backend={backend!r}, or pass backend=None"
+            )
+    else:
+        patch(model, num_tokens, start_layer, backend=backend)
+    params = aligner_parameters(model)
+    meta = [name for name, param in params.items() if param.is_meta]
+    if meta:  # copy_ into a meta tensor silently does nothing
+        if state is None:
+            unpatch(model)
+        raise ValueError(
+            f"{len(meta)} Aligner parameters ({', '.join(meta[:3])}{', ...' if len(meta) > 3 else ''}) are "
+            "on the meta device, where loaded values would be lost; "
+            "materialise them first (e.g. model.aligner_prefix.to_empty(device=...) and the same for "
+            "each layer's .aligner), or load the base weights before the Aligner"
+        )
+    _check_tensors(tensors, {name: tuple(p.shape) for name, p in params.items()}, weights_path)
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[name])
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# The paper's official checkpoints
+
+
+def convert_official(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Convert one of the paper's Lit-LLaMA Aligner checkpoints (``*.pth``) into what :func:`load` reads.
+
+    The file holds ``global_value_embedding.weight`` (N, hidden), one
+    ``transformer.h.{l}.attn.gating_factor`` (1, H, 1, 1) per layer with an Aligner, and
+    redundant per-layer copies ``transformer.h.{l}.attn.adapter_wte.weight`` of the prefix
+    (ignored; a warning is given if one differs). The start layer is the first layer with a gate
+    and the model is assumed to end at the last one (true of the paper's checkpoints). The base
+    fingerprint is LLaMA with multi-head attention (LLaMA-2 7B / 13B). Values are stored as fp32
+    (exact from bf16). Returns ``out_dir``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling errors come in many types
+        raise ValueError(
+            f"{path} is not a PyTorch checkpoint of plain tensors "
+            f"(torch.load(weights_only=True) failed: {error})"
+        ) from error
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a dict of tensors")
+    if _OFFICIAL_PREFIX not in checkpoint:
+        raise ValueError(f"{path} is not an official Aligner checkpoint: it has no {_OFFICIAL_PREFIX!r}")
+    prefix = checkpoint[_OFFICIAL_PREFIX]
+    if not isinstance(prefix, Tensor) or prefix.dim() != 2 or not prefix.is_floating_point():
+        raise ValueError(f"{path}: {_OFFICIAL_PREFIX!r} must be a floating-point (N, hidden) tensor")
+    num_tokens, hidden = prefix.shape
+
+    gates: dict[int, Tensor] = {}
+    copies: dict[int, Tensor] = {}
+    ignored = []
+    for key, value in checkpoint.items():
+        if key == _OFFICIAL_PREFIX:
+            continue
+        if match := _OFFICIAL_GATE.fullmatch(key):
+            gates[int(match.group(1))] = value
+        elif match := _OFFICIAL_COPY.fullmatch(key):
+            copies[int(match.group(1))] = value
+        else:
+            ignored.append(key)
+    if not gates:
+        raise ValueError(
+            f"{path} is not an official Aligner checkpoint: "
+            "it has no 'transformer.h.{l}.attn.gating_factor'"
+        )
+    start_layer, last = min(gates), max(gates)
+    absent = [layer for layer in range(start_layer, last + 1) if layer not in gates]
+    if absent:
+        raise ValueError(
+            f"{path}: layers {absent} have no gating_factor (expected every layer {start_layer}..{last})"
+        )
+    heads = None
+    for layer in sorted(gates):
+        gate = gates[layer]
+        if not isinstance(gate, Tensor) or gate.dim() != 4 or gate.shape[0] != 1 or gate.shape[2:] != (1, 1):
+            shape = tuple(gate.shape) if isinstance(gate, Tensor) else type(gate).__name__
+            raise ValueError(
+                f"{path}: 'transformer.h.{layer}.attn.gating_factor' has shape {shape}, "
+                "expected (1, heads, 1, 1)"
+            )
+        heads = gate.shape[1] if heads is None else heads
+        if gate.shape[1] != heads:
+            raise ValueError(
+                f"{path}: 'transformer.h.{layer}.attn.gating_factor' has {gate.shape[1]} heads, "
+                f"layer {start_layer} has {heads}"
+            )
+    if hidden % heads:
+        raise ValueError(f"{path}: hidden size {hidden} is not a multiple of the {heads} heads")
+    differing = [
+        layer
+        for layer, copy in sorted(copies.items())
+        if not isinstance(copy, Tensor) or copy.shape != prefix.shape or not torch.equal(copy, prefix)
+    ]
+    if differing:
+        warnings.warn(
+            f"{path}: the per-layer prefix copies (adapter_wte) of layers {differing} differ from "
+            f"{_OFFICIAL_PREFIX!r}; using the global one",
+            stacklevel=2,
+        )
+    if ignored:
+        warnings.warn(
+            f"{path}: ignoring {len(ignored)} keys that are not Aligner parameters, e.g. {ignored[:3]}",
+            stacklevel=2,
+        )
+
+    tensors = {"prefix": prefix.to(torch.float32).contiguous()}
+    for layer in range(start_layer, last + 1):
+        tensors[f"gate.{layer}"] = gates[layer].reshape(heads).to(torch.float32).contiguous()
+    base = {
+        "model_type": "llama",
+        "hidden_size": int(hidden),
+        "num_attention_heads": int(heads),
+        "num_key_value_heads": int(heads),
+        "num_hidden_layers": last + 1,
+        "head_dim": int(hidden // heads),
+    }
+    config = _config(base, int(num_tokens), start_layer, converted_from=path.name)
+    return _write(out_dir, tensors, config)
+
+
+def aligner_parameter_count(directory: str | os.PathLike) -> int:
+    """The number of Aligner parameters saved in ``directory`` (from its config; N*hidden + layers*heads)."""
+    config = read_config(directory)
+    count = config.get("num_parameters")
+    if count is None:
+        base = config["base"]
+        count = (
+            config["num_tokens"] * base["hidden_size"]
+            + (base["num_hidden_layers"] - config["start_layer"]) * base["num_attention_heads"]
+        )
+    return int(count)
