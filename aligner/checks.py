@@ -43,10 +43,11 @@ def check_attention_inputs(
     _check_softmax_scale(softmax_scale)
     prefix = {"prefix_k": prefix_k, "prefix_v": prefix_v, "gate": gate}
     given = [name for name, x in prefix.items() if x is not None]
+    missing = [name for name, x in prefix.items() if x is None]
     _require(
         len(given) in (0, 3),
-        f"prefix_k, prefix_v and gate go together (all given, or all None for plain attention); got only "
-        f"{', '.join(given)}",
+        f"{', '.join(missing)} is None but {', '.join(given)} given: prefix_k, prefix_v and gate go together "
+        "(all given, or all None for plain attention)",
     )
     for name, x in (("q", q), ("k", k), ("v", v), *(prefix.items() if given else ())):
         if not isinstance(x, Tensor):

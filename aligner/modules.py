@@ -14,10 +14,12 @@ class AlignerPrefix(nn.Module):
     Args:
         num_tokens: N, the number of prefix tokens (the paper's default is 1).
         hidden_size: the model's hidden size (the input width of k_proj / v_proj).
-        init_std: standard deviation of the normal initialisation.
+        init_std: standard deviation of the normal initialisation. The default 1.0 is the paper's
+            code (an ``nn.Embedding`` at its default N(0, 1) init); its released checkpoints still
+            have std ~1.0 after training, so the gates, not the tokens, carry the scale.
     """
 
-    def __init__(self, num_tokens: int, hidden_size: int, init_std: float = 0.02) -> None:
+    def __init__(self, num_tokens: int, hidden_size: int, init_std: float = 1.0) -> None:
         super().__init__()
         if num_tokens < 1:
             raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")

@@ -182,7 +182,7 @@ def patch(
     num_tokens: int = 1,
     start_layer: int = 2,
     *,
-    init_std: float = 0.02,
+    init_std: float = 1.0,
     backend: str | None = None,
 ) -> PreTrainedModel:
     """Add an Aligner to ``model`` in place and return it.

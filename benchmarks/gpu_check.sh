@@ -22,7 +22,7 @@ cat "$OUT/environment.json"
 
 # One config per kernel variant while testing (each autotune config costs a compile).
 ALIGNER_AUTOTUNE=0 ALIGNER_TEST_DEVICE=cuda timeout 420 python -m pytest -q -p no:cacheprovider \
-    tests/test_kernels.py tests/test_modules.py tests/test_errors.py tests/test_reference.py \
+    tests/test_kernels.py tests/test_modules.py tests/test_errors.py tests/test_reference.py tests/test_patch.py \
     --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log"
 status=${PIPESTATUS[0]}
 echo "gpu tests exit status: $status"

@@ -1,13 +1,16 @@
 """Bad input to :func:`aligner.aligner_attention` gives a clear error naming the argument; odd but
 valid input (non-contiguous views, an fp32 gate with half-precision q) just works.
 
-The Triton cases run under the Triton interpreter on CPU (tests/conftest.py), on tiny shapes.
+The Triton cases run under the Triton interpreter on CPU (tests/conftest.py), on tiny shapes; on
+a GPU machine ``call`` moves their inputs to the GPU with their strides kept and brings the
+result back, so every test stays on CPU tensors.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from attention_cases import DEVICE
 
 from aligner import aligner_attention
 
@@ -43,10 +46,21 @@ def packed(len_q=(3, 4), len_k=(3, 5)):
     return args
 
 
+def _to_test_device(x):
+    """x on DEVICE with the same strides (a non-contiguous view stays non-contiguous)."""
+    if not isinstance(x, torch.Tensor) or x.device == DEVICE or x.device.type == "meta":
+        return x
+    return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=DEVICE).copy_(x)
+
+
 def call(args, **overrides):
     kwargs = {"backend": "reference", **args, **overrides}
+    on_gpu = kwargs["backend"] == "triton" and DEVICE.type == "cuda"
+    if on_gpu:
+        kwargs = {name: _to_test_device(x) for name, x in kwargs.items()}
     positional = [kwargs.pop(name) for name in ("q", "k", "v", "prefix_k", "prefix_v", "gate")]
-    return aligner_attention(*positional, **kwargs)
+    out = aligner_attention(*positional, **kwargs)
+    return out.cpu() if on_gpu else out
 
 
 def test_valid_inputs_work():
@@ -212,7 +226,8 @@ BAD_INPUTS = [
     ),
     # types and dtypes
     case("q not a tensor", batched, {"q": [[0.0]]}, TypeError, r"q must be a torch.Tensor"),
-    case("prefix_v not a tensor", batched, {"prefix_v": None}, TypeError, r"prefix_v must be a torch.Tensor"),
+    case("prefix_v not a tensor", batched, {"prefix_v": [[0.0]]}, TypeError, r"prefix_v must be a torch.Tensor"),
+    case("prefix_v missing", batched, {"prefix_v": None}, ValueError, r"prefix_v is None but prefix_k, gate given"),
     case(
         "integer q",
         batched,
