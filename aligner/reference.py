@@ -1,13 +1,16 @@
 """Reference Aligner attention in plain PyTorch: the executable spec of DESIGN.md section 1.
 
 This is what every kernel is tested against, and the CPU path of :func:`aligner.aligner_attention`.
-It is written for clarity, not speed: scores are materialised, math is done in float32 (float64
-inputs stay float64) and cast back to the input dtype at the end.
+It is written to be obviously right: the main attention is PyTorch's own
+``scaled_dot_product_attention`` with an explicit bottom-right causal mask, the prefix attention a
+second, separate softmax attention, then the gated sum. Math runs in float32 (float64 inputs stay
+float64) and the result is cast back to the input dtype.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -15,35 +18,32 @@ def _upcast(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _softmax_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, allowed: Tensor | None) -> Tensor:
-    """softmax(scale * q k^T) v with heads in dim -3; rows with no allowed key give 0 (as flash-attn)."""
-    scores = scale * q @ k.transpose(-1, -2)
-    if allowed is None:
-        return torch.softmax(scores, dim=-1) @ v
-    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-    # A row with no visible key is all -inf -> NaN; flash attention defines its output as 0.
-    return torch.where(allowed.any(-1, keepdim=True), probs, 0.0) @ v
-
-
-def _aligner_attention_one(q, k, v, prefix_k, prefix_v, gate, causal: bool, scale: float) -> Tensor:
-    """One sequence. q (L_q, H, D), k/v (L_k, H_kv, D), prefix (N, H_kv, D) or None, gate (H,) or None."""
-    group = q.shape[1] // k.shape[1]
-
-    def heads_first(x: Tensor) -> Tensor:  # GQA: query head h reads key/value head h // group
-        return _upcast(x).transpose(0, 1).repeat_interleave(group, dim=0)
-
-    q, k, v = _upcast(q).transpose(0, 1), heads_first(k), heads_first(v)
-    allowed = None
-    if causal:
-        len_q, len_k = q.shape[1], k.shape[1]
-        i = torch.arange(len_q, device=q.device)[:, None]
-        j = torch.arange(len_k, device=q.device)[None, :]
-        allowed = j <= i + (len_k - len_q)  # bottom-right aligned: the last query sees every key
-    out = _softmax_attention(q, k, v, scale, allowed)
-    if gate is not None:  # separate softmax over the N prefix tokens, gated
-        out_prefix = _softmax_attention(q, heads_first(prefix_k), heads_first(prefix_v), scale, None)
-        out = out + gate.to(out.dtype)[:, None, None] * out_prefix
-    return out.transpose(0, 1)
+def _batched(q, k, v, prefix_k, prefix_v, gate, causal: bool, scale: float) -> Tensor:
+    """q (B, L_q, H, D), k/v (B, L_k, H_kv, D), prefix (N, H_kv, D), (B, N, H_kv, D) or None."""
+    batch, len_q, heads, _ = q.shape
+    len_k, kv_heads = k.shape[1], k.shape[2]
+    q, k, v = (_upcast(x).transpose(1, 2) for x in (q, k, v))  # heads first
+    mask = None
+    if causal and len_q == len_k:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        if causal:  # bottom-right aligned: query i sees key j iff j <= i + (L_k - L_q)
+            i = torch.arange(len_q, device=q.device)[:, None]
+            mask = torch.arange(len_k, device=q.device)[None, :] <= i + (len_k - len_q)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        if mask is not None and len_q > len_k:  # queries that see no key output 0, as in flash-attn
+            out = out.masked_fill(~mask.any(-1)[:, None], 0.0)
+    if gate is None:
+        return out.transpose(1, 2)
+    if prefix_k.dim() == 3:
+        prefix_k, prefix_v = prefix_k.expand(batch, *prefix_k.shape), prefix_v.expand(batch, *prefix_v.shape)
+    pk, pv = (_upcast(x).transpose(1, 2) for x in (prefix_k, prefix_v))
+    # Separate softmax over the N prefix tokens, visible to every query; GQA: head h reads h // group.
+    group = heads // kv_heads
+    pk, pv = pk.repeat_interleave(group, dim=1), pv.repeat_interleave(group, dim=1)
+    prefix_out = torch.softmax(scale * q @ pk.transpose(-1, -2), dim=-1) @ pv
+    out = out + gate.to(out.dtype)[:, None, None] * prefix_out
+    return out.transpose(1, 2)
 
 
 def aligner_attention_reference(
@@ -68,26 +68,13 @@ def aligner_attention_reference(
     Inputs are assumed valid (the public op checks them).
     """
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    per_sequence = prefix_k is not None and prefix_k.dim() == 4
     if cu_seqlens_q is None:
-        sequences = [(q[b], k[b], v[b]) for b in range(q.shape[0])]
-    else:
-        bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-        sequences = [
-            (q[bq[b] : bq[b + 1]], k[bk[b] : bk[b + 1]], v[bk[b] : bk[b + 1]]) for b in range(len(bq) - 1)
-        ]
-    outs = [
-        _aligner_attention_one(
-            qb,
-            kb,
-            vb,
-            prefix_k[b] if per_sequence else prefix_k,
-            prefix_v[b] if per_sequence else prefix_v,
-            gate,
-            causal,
-            scale,
-        )
-        for b, (qb, kb, vb) in enumerate(sequences)
-    ]
-    out = torch.stack(outs) if cu_seqlens_q is None else torch.cat(outs)
-    return out.to(q.dtype)
+        return _batched(q, k, v, prefix_k, prefix_v, gate, causal, scale).to(q.dtype)
+    per_sequence = prefix_k is not None and prefix_k.dim() == 4
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs = []
+    for b, (q0, q1, k0, k1) in enumerate(zip(bounds_q, bounds_q[1:], bounds_k, bounds_k[1:])):
+        prefix = [p[b : b + 1] if per_sequence else p for p in (prefix_k, prefix_v)]
+        one = _batched(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], *prefix, gate, causal, scale)
+        outs.append(one[0])
+    return torch.cat(outs).to(q.dtype)

@@ -63,6 +63,12 @@ def call(args, **overrides):
     return out.cpu() if on_gpu else out
 
 
+# Strided and contiguous copies of the same values: the Triton kernels read them through strides
+# and give identical bits; PyTorch's CPU SDPA (inside the reference) picks different code paths
+# by layout, which moves the last bit of fp32 (seen: 4.8e-7).
+SAME_VALUES = {"triton": dict(rtol=0, atol=0), "reference": dict(rtol=1e-6, atol=1e-6)}
+
+
 def test_valid_inputs_work():
     """The bases every error case below starts from are themselves valid."""
     assert call(batched()).shape == (B, L, H, D)
@@ -226,8 +232,16 @@ BAD_INPUTS = [
     ),
     # types and dtypes
     case("q not a tensor", batched, {"q": [[0.0]]}, TypeError, r"q must be a torch.Tensor"),
-    case("prefix_v not a tensor", batched, {"prefix_v": [[0.0]]}, TypeError, r"prefix_v must be a torch.Tensor"),
-    case("prefix_v missing", batched, {"prefix_v": None}, ValueError, r"prefix_v is None but prefix_k, gate given"),
+    case(
+        "prefix_v not a tensor", batched, {"prefix_v": [[0.0]]}, TypeError, r"prefix_v must be a torch.Tensor"
+    ),
+    case(
+        "prefix_v missing",
+        batched,
+        {"prefix_v": None},
+        ValueError,
+        r"prefix_v is None but prefix_k, gate given",
+    ),
     case(
         "integer q",
         batched,
@@ -499,7 +513,7 @@ def test_noncontiguous_batched(backend, num_prefix, per_sequence):
     out = aligner_attention(*views, backend=backend)
     want = aligner_attention(*contiguous, backend=backend)
     assert out.shape == views[0].shape
-    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(out, want, **SAME_VALUES[backend])
     if backend == "triton":  # and it agrees with the reference
         torch.testing.assert_close(
             out, aligner_attention(*contiguous, backend="reference"), rtol=1e-5, atol=1e-5
@@ -513,7 +527,7 @@ def test_noncontiguous_packed(backend, causal):
     views, contiguous = _noncontiguous_packed(len_q, len_k, 4, 2, 64, 3)
     kwargs = {"causal": causal, "cu_seqlens_q": _cu(len_q), "cu_seqlens_k": _cu(len_k), "backend": backend}
     out = aligner_attention(*views, **kwargs)
-    torch.testing.assert_close(out, aligner_attention(*contiguous, **kwargs), rtol=0, atol=0)
+    torch.testing.assert_close(out, aligner_attention(*contiguous, **kwargs), **SAME_VALUES[backend])
     if backend == "triton":
         ref = aligner_attention(*contiguous, **{**kwargs, "backend": "reference"})
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

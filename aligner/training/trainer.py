@@ -1,0 +1,186 @@
+"""Hugging Face ``Trainer`` subclasses for Aligners: SFT and DPO, plus the output callbacks.
+
+``Trainer`` does the loop, gradient accumulation, mixed precision, the DDP wrapping under
+``torchrun`` / ``accelerate launch``, LR schedules, optimizer/scheduler/RNG checkpointing and
+resuming. What is specific to an Aligner:
+
+- the model's weights are the Aligner's few thousand parameters: ``save_model`` writes them with
+  :func:`aligner.save` (a few KB) instead of the whole base model, and resuming loads them with
+  :func:`aligner.load`;
+- checkpoints are written into a staging directory and renamed into place, so an interrupted
+  save never leaves a ``checkpoint-N`` that resuming would pick up half-written;
+- DPO's reference policy is the same model with the Aligner switched off
+  (:func:`aligner.disabled`): no second copy of the base model. TRL's ``DPOTrainer`` can only
+  do that for PEFT models (it disables their adapters); for any other model it loads a second
+  copy from the hub / disk, so the DPO loss is computed here in ``compute_loss``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import Trainer, TrainerCallback
+
+from ..patch import disabled
+from ..serialization import load, save
+
+METRICS_NAME = "metrics.jsonl"
+PLOT_NAME = "loss_curve.png"
+
+
+class AlignerTrainer(Trainer):
+    """``Trainer`` that saves and resumes only the Aligner, with atomically renamed checkpoints."""
+
+    _staging: Path | None = None
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if self.args.should_save:
+            save(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        load(
+            self.accelerator.unwrap_model(model if model is not None else self.model), resume_from_checkpoint
+        )
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        self._staging = run_dir / f".staging-{name}"
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            staged, final = run_dir / f".staging-{name}" / name, run_dir / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            shutil.rmtree(staged.parent, ignore_errors=True)
+            self._rotate(run_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _rotate(self, run_dir: Path) -> None:
+        limit = self.args.save_total_limit
+        if not limit:
+            return
+        checkpoints = sorted(
+            (p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+            key=lambda p: int(p.name.split("-")[-1]),
+        )
+        for old in checkpoints[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def sequence_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
+    """Sum of log p(label) over the completion tokens (labels != -100) of each sequence."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    keep = labels != -100
+    picked = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * keep).sum(-1)
+
+
+class AlignerDPOTrainer(AlignerTrainer):
+    """DPO (Rafailov et al. 2023, sigmoid loss) with the Aligner-less model as the reference policy.
+
+    Batches hold B chosen sequences followed by B rejected ones (``preference_collator``).
+    """
+
+    def __init__(self, *args: Any, beta: float = 0.1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.beta = beta
+        self._stats: dict[str, list[float]] = {}
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Tensor | tuple[Tensor, Any]:
+        ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+        policy = sequence_logprobs(model(input_ids=ids, attention_mask=mask).logits, labels)
+        base = self.accelerator.unwrap_model(model)
+        with torch.no_grad(), disabled(base):
+            reference = sequence_logprobs(base(input_ids=ids, attention_mask=mask).logits, labels)
+        chosen, rejected = (policy - reference).chunk(2)
+        margin = self.beta * (chosen - rejected)
+        loss = -F.logsigmoid(margin).mean()
+        for key, value in (
+            ("rewards/chosen", self.beta * chosen),
+            ("rewards/rejected", self.beta * rejected),
+            ("rewards/margin", margin),
+            ("rewards/accuracy", (margin > 0).float()),
+        ):
+            self._stats.setdefault(key, []).append(value.detach().mean().item())
+        return (loss, {"margin": margin}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        for key, values in self._stats.items():
+            logs[key] = sum(values) / len(values)
+        self._stats = {}
+        super().log(logs, start_time)
+
+
+class MetricsCallback(TrainerCallback):
+    """Appends every log (loss, learning rate, ...) to ``metrics.jsonl`` as one JSON object a line,
+    flushed at once; on the main process only."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if state.is_world_process_zero and logs:
+            record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
+            with open(self.path, "a", encoding="utf-8") as file:
+                file.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file (an empty list if there is none)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_losses(
+    metrics_path: str | os.PathLike, out_path: str | os.PathLike, title: str = "training loss"
+) -> Path | None:
+    """Write the loss curve of ``metrics.jsonl`` as a PNG (matplotlib, Agg backend); None without losses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in read_metrics(metrics_path) if "loss" in r]
+    if not records:
+        return None
+    out_path = Path(out_path)
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot([r["step"] for r in records], [r["loss"] for r in records], marker=".")
+    evals = [r for r in read_metrics(metrics_path) if "eval_loss" in r]
+    if evals:
+        axis.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], marker="o", label="held-out")
+        axis.legend()
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
+    figure.savefig(tmp)
+    plt.close(figure)
+    os.replace(tmp, out_path)
+    return out_path
