@@ -69,7 +69,7 @@ def aligner_attention(
         prefix_v: same shape and dtype as prefix_k (the tokens through v_proj).
         gate: (nheads,), this layer's per-head gate; float32 even when q is half precision.
             prefix_k, prefix_v and gate all None: plain flash attention (a layer without an
-            Aligner, or one whose 1-token Aligner is merged into o_proj's bias).
+            Aligner).
         causal: causal mask over the sequence, aligned to the bottom-right corner when
             seqlen_q < seqlen_k (decoding with a KV cache). Prefix tokens are always visible.
         softmax_scale: defaults to 1 / sqrt(headdim).

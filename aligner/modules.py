@@ -80,8 +80,6 @@ class AlignerFlashAttention(nn.Module):
         self.causal = causal
         self.softmax_scale = softmax_scale
         self.backend = backend
-        # Set by ``aligner.merge``: the prefix is folded into o_proj's bias and skipped here.
-        self.merged = False
         self._prefix: tuple[AlignerPrefix, ...] = ()
 
     def attach(self, prefix: AlignerPrefix) -> None:

@@ -97,7 +97,7 @@ def aligner_attention_hf(
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     aligner: AlignerFlashAttention | None = getattr(module, "aligner", None)
     prefix = {}
-    if aligner is not None and not aligner.merged:
+    if aligner is not None:
         prefix_k, prefix_v = project_prefix(aligner.shared_prefix(), module.k_proj, module.v_proj, head_dim)
         prefix = {"prefix_k": prefix_k.to(q.dtype), "prefix_v": prefix_v.to(q.dtype), "gate": aligner.gate}
     options = {"softmax_scale": scaling, "backend": getattr(module, "aligner_backend", None)}
@@ -292,8 +292,9 @@ def merge(model: PreTrainedModel) -> PreTrainedModel:
     """Fold a 1-token Aligner into the o_proj biases: zero inference overhead.
 
     With N = 1 the prefix attention is the constant gate_h * PV_g (DESIGN.md "N = 1"), so after
-    o_proj each layer adds the constant c = W_o concat_h(gate_h PV_g). The original biases are
-    kept so that ``unmerge`` restores them bit for bit.
+    o_proj each layer adds the constant c = W_o concat_h(gate_h PV_g). The model then runs its
+    original attention implementation again (sdpa, flash-attn...), plus those biases. The
+    original biases are kept so that ``unmerge`` restores them bit for bit.
     """
     state = _state(model)
     if state.num_tokens != 1:
@@ -318,8 +319,8 @@ def merge(model: PreTrainedModel) -> PreTrainedModel:
                 o_proj.bias = nn.Parameter(constant.to(o_proj.weight.dtype), requires_grad=False)
             else:
                 o_proj.bias.copy_(o_proj.bias.float() + constant)
-            attn.aligner.merged = True
     state.merged_biases = merged
+    model.set_attn_implementation(state.original_attn_implementation)
     return model
 
 
@@ -335,6 +336,6 @@ def unmerge(model: PreTrainedModel) -> PreTrainedModel:
                 attn.o_proj.bias = None
             else:
                 attn.o_proj.bias.copy_(original)
-            attn.aligner.merged = False
     state.merged_biases = None
+    model.set_attn_implementation(ATTENTION_NAME)
     return model

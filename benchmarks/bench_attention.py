@@ -23,6 +23,7 @@ import argparse
 import itertools
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +31,9 @@ import torch.nn.functional as F
 from aligner import aligner_attention
 
 try:  # make `python benchmarks/bench_attention.py` and `import benchmarks.bench_attention` both work
-    from .common import median_ms, peak_memory_mb, write_results
+    from .common import RESULTS_DIR, median_ms, peak_memory_mb, write_results
 except ImportError:
-    from common import median_ms, peak_memory_mb, write_results
+    from common import RESULTS_DIR, median_ms, peak_memory_mb, write_results
 
 
 @dataclass(frozen=True)
@@ -228,14 +229,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128] if cuda else [64])
     p.add_argument("--num-tokens", type=int, nargs="+", default=[0, 1, 10, 100] if cuda else [0, 1, 10])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--output", default="attention", help="results name under benchmarks/results/")
+    p.add_argument("--output", default="attention", help="results file name (without extension)")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     return p
 
 
 def main(argv=None) -> list[dict]:
     args = parser().parse_args(argv)
     rows = run_benchmark(args)
-    json_path, md_path = write_results(args.output, rows)
+    json_path, md_path = write_results(args.output, rows, args.results_dir)
     print(f"wrote {json_path} and {md_path}")
     return rows
 
