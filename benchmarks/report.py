@@ -20,10 +20,11 @@ except ImportError:
 README = Path(__file__).parents[1] / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 SECTIONS = {
-    "attention": ("Attention kernels (forward+backward)", ["method", "seqlen", "kv_heads", "head_dim", "num_tokens",
-                  "fwd_ms", "bwd_ms", "fwd_bwd_ms", "tflops", "peak_mib", "skipped"]),
-    "training": ("Training step", ["model", "method", "trainable", "batch", "step_s", "tokens_per_s", "vs_floor",
-                 "peak_mib"]),
+    "attention": ("Attention kernels (forward+backward)",
+                  ["method", "seqlen", "kv_heads", "head_dim", "num_tokens", "fwd_ms", "bwd_ms",
+                   "fwd_bwd_ms", "tflops", "peak_mib", "skipped"]),
+    "training": ("Training step",
+                 ["model", "method", "trainable", "batch", "step_s", "tokens_per_s", "vs_floor", "peak_mib"]),
     "decode": ("Decoding", ["model", "method", "batch", "new_tokens", "tokens_per_s", "vs_base"]),
 }  # fmt: skip
 

@@ -50,6 +50,8 @@ def load_model(
     except (OSError, ValueError, ImportError) as error:
         where = f"{source} (GGUF file {gguf})" if gguf else source
         raise ModelLoadError(f"could not load model {where}: {error}") from error
+    if gguf and all(p.is_floating_point() for p in network.parameters()):
+        _drop_gguf_tag(network)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if device is not None:
@@ -58,8 +60,17 @@ def load_model(
     return network, tokenizer
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def _drop_gguf_tag(model: Any) -> None:
+    """transformers dequantises GGUF weights into ordinary tensors on load but still tags the model
+    as quantized, and then ``Trainer`` refuses to fine-tune it and ``save_pretrained`` to save it.
+    The weights are plain floating point, so the tag is removed."""
+    model.hf_quantizer = None
+    if "is_quantized" in vars(model):
+        model.is_quantized = False
+    if "quantization_method" in vars(model):
+        model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 @torch.no_grad()

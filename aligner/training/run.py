@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from ..patch import patch, trainable_parameters
@@ -93,6 +94,7 @@ def _arguments(config: TrainConfig) -> TrainingArguments:
         disable_tqdm=not config.progress,
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
 
 
