@@ -225,7 +225,8 @@ def patch(
     return model
 
 
-def _state(model: PreTrainedModel) -> AlignerState:
+def get_state(model: PreTrainedModel) -> AlignerState:
+    """The Aligner state that ``patch`` left on ``model``; a clear error if it carries none."""
     state = getattr(model, "aligner_state", None)
     if state is None:
         raise ValueError(
@@ -236,7 +237,7 @@ def _state(model: PreTrainedModel) -> AlignerState:
 
 def unpatch(model: PreTrainedModel) -> PreTrainedModel:
     """Remove the Aligner: the model's modules, parameters, flags and attention return to what they were."""
-    state = _state(model)
+    state = get_state(model)
     if state.merged_biases is not None:
         unmerge(model)
     for attn in state.layers.values():
@@ -254,7 +255,7 @@ def unpatch(model: PreTrainedModel) -> PreTrainedModel:
 @contextlib.contextmanager
 def disabled(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
     """Run the base model inside the block (e.g. DPO reference log-probs without a second copy)."""
-    state = _state(model)
+    state = get_state(model)
     if state.merged_biases is not None:
         raise ValueError(
             "the Aligner is merged into o_proj biases; call aligner.unmerge(model) before disabling it"
@@ -268,7 +269,7 @@ def disabled(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
 
 def aligner_parameters(model: PreTrainedModel) -> dict[str, nn.Parameter]:
     """The Aligner's parameters by name: the shared prefix tokens and every layer's gate."""
-    state = _state(model)
+    state = get_state(model)
     params = {"prefix": model.aligner_prefix.tokens}
     params.update({f"gate.{index}": attn.aligner.gate for index, attn in state.layers.items()})
     return params
@@ -296,7 +297,7 @@ def merge(model: PreTrainedModel) -> PreTrainedModel:
     original attention implementation again (sdpa, flash-attn...), plus those biases. The
     original biases are kept so that ``unmerge`` restores them bit for bit.
     """
-    state = _state(model)
+    state = get_state(model)
     if state.num_tokens != 1:
         raise ValueError(
             f"only a 1-token Aligner can be merged: with N = {state.num_tokens} tokens the prefix softmax "
@@ -326,7 +327,7 @@ def merge(model: PreTrainedModel) -> PreTrainedModel:
 
 def unmerge(model: PreTrainedModel) -> PreTrainedModel:
     """Undo ``merge``: the original o_proj biases come back exactly and the prefix path returns."""
-    state = _state(model)
+    state = get_state(model)
     if state.merged_biases is None:
         raise ValueError("the Aligner is not merged")
     with torch.no_grad():

@@ -33,7 +33,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
-from .patch import _state, aligner_parameters, patch, unpatch
+from .patch import aligner_parameters, get_state, patch, unpatch
 
 CONFIG_NAME = "aligner_config.json"
 WEIGHTS_NAME = "aligner_model.safetensors"
@@ -208,7 +208,7 @@ def save(model, directory: str | os.PathLike) -> Path:
     atomically, weights first and config last. A previous Aligner in ``directory`` is replaced;
     if writing fails, it is left as it was.
     """
-    state = _state(model)
+    state = get_state(model)
     tensors = {}
     for name, param in aligner_parameters(model).items():
         if param.is_meta:
