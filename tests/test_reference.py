@@ -225,7 +225,7 @@ def test_single_token_closed_form(group, causal, per_sequence):
     # O = O_main + gate_h * PV_g: the prefix softmax over one token is exactly 1.
     pv = prefix_v[..., 0, :, :] if per_sequence else prefix_v[0].expand(q.shape[0], kv_heads, -1)
     pv = pv.repeat_interleave(heads // kv_heads, dim=1)  # (B, H, D)
-    closed = out_main + gate[None, None, :, None] * pv[:, None]
+    closed = torch.addcmul(out_main, gate[None, None, :, None], pv[:, None])  # one rounding, as the reference
     torch.testing.assert_close(out, closed, rtol=0, atol=0)
     # and the prefix key does not matter at all
     torch.testing.assert_close(
