@@ -23,7 +23,6 @@ import argparse
 import itertools
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +30,9 @@ import torch.nn.functional as F
 from aligner import aligner_attention
 
 try:  # make `python benchmarks/bench_attention.py` and `import benchmarks.bench_attention` both work
-    from .common import RESULTS_DIR, median_ms, peak_memory_mb, write_results
+    from .common import benchmark_parser, median_ms, peak_memory_mb, run_and_record
 except ImportError:
-    from common import RESULTS_DIR, median_ms, peak_memory_mb, write_results
+    from common import benchmark_parser, median_ms, peak_memory_mb, run_and_record
 
 
 @dataclass(frozen=True)
@@ -219,9 +218,7 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
 
 def parser() -> argparse.ArgumentParser:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
+    p = benchmark_parser(__doc__, output="attention")
     p.add_argument("--tokens", type=int, default=16384 if cuda else 512, help="B·L, tokens per batch")
     p.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192] if cuda else [128])
     p.add_argument("--heads", type=int, default=32 if cuda else 4)
@@ -229,17 +226,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128] if cuda else [64])
     p.add_argument("--num-tokens", type=int, nargs="+", default=[0, 1, 10, 100] if cuda else [0, 1, 10])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--output", default="attention", help="results file name (without extension)")
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     return p
 
 
 def main(argv=None) -> list[dict]:
-    args = parser().parse_args(argv)
-    rows = run_benchmark(args)
-    json_path, md_path = write_results(args.output, rows, args.results_dir)
-    print(f"wrote {json_path} and {md_path}")
-    return rows
+    return run_and_record(run_benchmark, parser(), argv)
 
 
 if __name__ == "__main__":

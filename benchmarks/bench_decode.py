@@ -10,17 +10,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 import aligner
 
 try:
-    from .common import RESULTS_DIR, write_results
+    from .common import benchmark_parser, run_and_record
     from .models import load_model
 except ImportError:
-    from common import RESULTS_DIR, write_results
+    from common import benchmark_parser, run_and_record
     from models import load_model
 
 DECODE_METHODS = ("base", "aligner-1-merged", "aligner-1", "aligner-10")
@@ -76,9 +75,7 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
 
 def parser() -> argparse.ArgumentParser:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
+    p = benchmark_parser(__doc__, output="decode")
     p.add_argument("--model", default="llama2-7b" if cuda else "smollm2")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
@@ -86,19 +83,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=64 if cuda else 16)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--methods", nargs="+", default=list(DECODE_METHODS), choices=DECODE_METHODS)
-    p.add_argument("--output", default="decode", help="results file name (without extension)")
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     return p
 
 
 def main(argv=None) -> list[dict]:
-    args = parser().parse_args(argv)
-    rows = run_benchmark(args)
-    for row in rows:
-        print(row)
-    json_path, md_path = write_results(args.output, rows, args.results_dir)
-    print(f"wrote {json_path} and {md_path}")
-    return rows
+    return run_and_record(run_benchmark, parser(), argv)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -64,6 +65,32 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | No
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def benchmark_parser(description: str, output: str) -> argparse.ArgumentParser:
+    """The options every benchmark script shares: device, dtype and where the results go."""
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--dtype", default="bfloat16" if cuda else "float32")
+    parser.add_argument("--output", default=output, help="results file name (without extension)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    return parser
+
+
+def run_and_record(
+    run_benchmark: Callable[[argparse.Namespace], list[dict]], parser: argparse.ArgumentParser, argv=None
+) -> list[dict]:
+    """Parse ``argv``, run the benchmark, print its rows and write them with :func:`write_results`."""
+    args = parser.parse_args(argv)
+    rows = run_benchmark(args)
+    for row in rows:
+        print({key: round(value, 4) if isinstance(value, float) else value for key, value in row.items()})
+    json_path, md_path = write_results(args.output, rows, args.results_dir)
+    print(f"wrote {json_path} and {md_path}")
+    return rows
 
 
 def write_results(name: str, rows: list[dict], directory: Path = RESULTS_DIR) -> tuple[Path, Path]:

@@ -18,11 +18,9 @@ import bench_decode  # noqa: E402
 import bench_training  # noqa: E402
 
 
-def test_attention_rows(benchmark, tmp_path, monkeypatch):
-    monkeypatch.setattr(
-        bench_attention, "write_results", lambda name, rows, directory: (tmp_path / "a", tmp_path / "b")
-    )
-    argv = ["--device", "cpu", "--dtype", "float32", "--tokens", "64", "--seqlens", "32", "--heads", "2",
+def test_attention_rows(benchmark, tmp_path):
+    argv = ["--results-dir", str(tmp_path)] + [
+            "--device", "cpu", "--dtype", "float32", "--tokens", "64", "--seqlens", "32", "--heads", "2",
             "--kv-heads", "1", "--head-dims", "32", "--num-tokens", "0", "1", "3",
             "--methods", "aligner", "sdpa-flash", "unfused", "peft-eager"]  # fmt: skip
     rows = benchmark.pedantic(bench_attention.main, args=(argv,), rounds=1, iterations=1)
@@ -31,12 +29,10 @@ def test_attention_rows(benchmark, tmp_path, monkeypatch):
     assert all(row["fwd_bwd_ms"] > 0 and row["tflops"] > 0 for row in rows if "fwd_bwd_ms" in row)
 
 
-def test_training_rows(benchmark, tmp_path, monkeypatch):
+def test_training_rows(benchmark, tmp_path):
     pytest.importorskip("peft")
-    monkeypatch.setattr(
-        bench_training, "write_results", lambda name, rows, directory: (tmp_path / "a", tmp_path / "b")
-    )
-    argv = ["--device", "cpu", "--dtype", "float32", "--model", "tiny", "--layers", "3", "--batch", "2",
+    argv = ["--results-dir", str(tmp_path)] + [
+            "--device", "cpu", "--dtype", "float32", "--model", "tiny", "--layers", "3", "--batch", "2",
             "--seqlen", "16", "--warmup", "0", "--rounds", "1"]  # fmt: skip
     rows = benchmark.pedantic(bench_training.main, args=(argv,), rounds=1, iterations=1)
     by_method = {row["method"]: row for row in rows}
@@ -47,11 +43,9 @@ def test_training_rows(benchmark, tmp_path, monkeypatch):
     assert by_method["floor"]["vs_floor"] == 1.0 and all(row["tokens_per_s"] > 0 for row in rows)
 
 
-def test_decode_rows(benchmark, tmp_path, monkeypatch):
-    monkeypatch.setattr(
-        bench_decode, "write_results", lambda name, rows, directory: (tmp_path / "a", tmp_path / "b")
-    )
-    argv = ["--device", "cpu", "--dtype", "float32", "--model", "tiny", "--layers", "3",
+def test_decode_rows(benchmark, tmp_path):
+    argv = ["--results-dir", str(tmp_path)] + [
+            "--device", "cpu", "--dtype", "float32", "--model", "tiny", "--layers", "3",
             "--batches", "1", "2", "--prompt-length", "4", "--new-tokens", "3", "--rounds", "1"]  # fmt: skip
     rows = benchmark.pedantic(bench_decode.main, args=(argv,), rounds=1, iterations=1)
     assert {(row["method"], row["batch"]) for row in rows} == {
