@@ -446,7 +446,7 @@ def cmd_distill(args: argparse.Namespace, console: Console) -> None:
         raise ValueError(f"the model gave no answer to any instruction in {args.data}")
     rows = [{"system": system, "messages": [*p, {"role": "assistant", "content": a}]} for p, a in examples]
     try:
-        summary = train_sft(model, tokenizer, examples, config, args.data)
+        summary = train_sft(model, tokenizer, examples, config, args.data, command="distill")
     finally:  # the teacher's answers are kept, also after Ctrl-C, beside the run that owns them
         if _is_main_process() and Path(args.output_dir).is_dir():
             output = OutputDir.claim(args.output_dir, "distill", resume=True)
@@ -551,12 +551,19 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> None:
 
 def cmd_convert(args: argparse.Namespace, console: Console) -> None:
     from .outputs import OutputDir, check_output_dir
-    from .serialization import CONFIG_NAME, WEIGHTS_NAME, aligner_parameter_count, convert_official
+    from .serialization import (
+        CONFIG_NAME,
+        WEIGHTS_NAME,
+        aligner_parameter_count,
+        convert_official,
+        read_official,
+    )
 
     checkpoint = Path(args.checkpoint)
     check_output_dir(args.output_dir, "convert", overwrite=args.overwrite, inputs=[checkpoint.parent])
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"no checkpoint at {checkpoint}")
+    read_official(
+        checkpoint
+    )  # a file that is not an Aligner checkpoint is refused before anything is written
     output = OutputDir.claim(args.output_dir, "convert", overwrite=args.overwrite, inputs=[checkpoint.parent])
     output.own(CONFIG_NAME, WEIGHTS_NAME)
     out = convert_official(checkpoint, args.output_dir)

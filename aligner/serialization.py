@@ -416,7 +416,14 @@ def load(model, directory: str | os.PathLike, *, backend: str | None = None):
 
 
 def convert_official(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Convert one of the paper's Lit-LLaMA Aligner checkpoints (``*.pth``) into what :func:`load` reads.
+    """Convert one of the paper's Lit-LLaMA Aligner checkpoints (``*.pth``) into what :func:`load`
+    reads, in ``out_dir`` (see :func:`read_official`); returns ``out_dir``."""
+    tensors, config = read_official(path)
+    return _write(out_dir, tensors, config)
+
+
+def read_official(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read and check one of the paper's Lit-LLaMA Aligner checkpoints (``*.pth``).
 
     The file holds ``global_value_embedding.weight`` (N, hidden), one
     ``transformer.h.{l}.attn.gating_factor`` (1, H, 1, 1) per layer with an Aligner, and
@@ -424,7 +431,7 @@ def convert_official(path: str | os.PathLike, out_dir: str | os.PathLike) -> Pat
     (ignored; a warning is given if one differs). The start layer is the first layer with a gate
     and the model is assumed to end at the last one (true of the paper's checkpoints). The base
     fingerprint is LLaMA with multi-head attention (LLaMA-2 7B / 13B). Values are stored as fp32
-    (exact from bf16). Returns ``out_dir``.
+    (exact from bf16). Returns the tensors and the config that :func:`convert_official` writes.
     """
     path = Path(path)
     if not path.is_file():
@@ -514,8 +521,7 @@ def convert_official(path: str | os.PathLike, out_dir: str | os.PathLike) -> Pat
         "num_hidden_layers": last + 1,
         "head_dim": int(hidden // heads),
     }
-    config = _config(base, int(num_tokens), start_layer, converted_from=path.name)
-    return _write(out_dir, tensors, config)
+    return tensors, _config(base, int(num_tokens), start_layer, converted_from=path.name)
 
 
 def aligner_parameter_count(directory: str | os.PathLike) -> int:

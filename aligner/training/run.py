@@ -170,19 +170,18 @@ def check_resumable(checkpoint: Path, expected: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _command(trainer: AlignerTrainer, title: str) -> str:
-    """The command a run is: train, dpo or distill (from the trainer class and the plot title)."""
-    if isinstance(trainer, AlignerDPOTrainer):
-        return "dpo"
-    return "distill" if "distill" in title.lower() else "train"
-
-
-def _run(trainer: AlignerTrainer, config: TrainConfig, title: str) -> dict[str, Any]:
-    """Claim the output directory (:mod:`aligner.outputs`), check a resumed checkpoint, train and save.
-    Ctrl-C saves the Aligner and a checkpoint of the last finished step."""
+def _run(
+    trainer: AlignerTrainer, config: TrainConfig, title: str, command: str | None = None
+) -> dict[str, Any]:
+    """Claim the output directory (:mod:`aligner.outputs`) for ``command`` (train, dpo or distill; by
+    default from the trainer and the title), check a resumed checkpoint, train and save. Ctrl-C saves
+    the Aligner and a checkpoint of the last finished step."""
+    if command is None:
+        command = "dpo" if isinstance(trainer, AlignerDPOTrainer) else "train"
+        command = "distill" if "distill" in title.lower() else command
     output_dir = Path(config.output_dir)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    trainer.run_info = run_info(_command(trainer, title), config, base_info(model), trainer.train_dataset)
+    trainer.run_info = run_info(command, config, base_info(model), trainer.train_dataset)
     checkpoint = resume_checkpoint(config)
     if checkpoint is not None:
         check_resumable(checkpoint, trainer.run_info)
@@ -247,8 +246,11 @@ def train_sft(
     examples: list[tuple[Messages, str]],
     config: TrainConfig,
     source: str = "data",
+    *,
+    command: str = "train",
 ) -> dict[str, Any]:
-    """SFT of an Aligner on (prompt messages, completion) pairs; the loss covers completions only."""
+    """SFT of an Aligner on (prompt messages, completion) pairs; the loss covers completions only.
+    ``command``: what the output directory's manifest calls the run (distillation's SFT form: distill)."""
     rows, dropped = tokenize_sft(tokenizer, examples, config.max_length)
     _check_rows(rows, dropped, source, config.max_length)
     attach_aligner(model, config)
@@ -259,7 +261,7 @@ def train_sft(
         data_collator=sft_collator(tokenizer.pad_token_id),
         callbacks=[MetricsCallback(Path(config.output_dir) / METRICS_NAME), *config.callbacks],
     )
-    return {"dropped": dropped, **_run(trainer, config, "Aligner SFT loss")}
+    return {"dropped": dropped, **_run(trainer, config, "Aligner SFT loss", command)}
 
 
 def train_sft_file(
