@@ -361,7 +361,7 @@ def _check_training(args: argparse.Namespace, config: Any, command: str) -> None
             command,
             overwrite=config.overwrite,
             resume=resumes_here,
-            inputs=[config.init_aligner],
+            inputs=[config.init_aligner, args.model],
         )
         if checkpoint is not None:
             check_resumable(checkpoint, run_info(command, config, None, None))
@@ -415,7 +415,7 @@ def cmd_dpo(args: argparse.Namespace, console: Console) -> None:
 
 
 def cmd_distill(args: argparse.Namespace, console: Console) -> None:
-    from .outputs import OutputDir
+    from .outputs import OutputDir, read_manifest
     from .training import distill_examples, prompt_examples, train_sft, write_jsonl
 
     config = _config(args, console)
@@ -448,7 +448,8 @@ def cmd_distill(args: argparse.Namespace, console: Console) -> None:
     try:
         summary = train_sft(model, tokenizer, examples, config, args.data, command="distill")
     finally:  # the teacher's answers are kept, also after Ctrl-C, beside the run that owns them
-        if _is_main_process() and Path(args.output_dir).is_dir():
+        claimed = Path(args.output_dir).is_dir() and read_manifest(args.output_dir)
+        if _is_main_process() and claimed and claimed.get("command") == "distill":
             output = OutputDir.claim(args.output_dir, "distill", resume=True)
             output.own("distilled.jsonl")
             write_jsonl(Path(args.output_dir) / "distilled.jsonl", rows)

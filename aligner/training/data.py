@@ -41,13 +41,14 @@ class DataError(ValueError):
 
 
 def _locate_json_error(path: Path) -> str | None:
-    """Where the first JSON syntax error in ``path`` is: 'line N: message', or None if it parses."""
+    """What is wrong with the JSON in ``path`` (the first syntax error and its line, or the first row
+    that is not an object), or None if it is a JSON array or JSON Lines of objects."""
     text = path.read_text(encoding="utf-8", errors="replace")
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as error:
-            return f"line {error.lineno}: {error.msg}"
+            return f"malformed JSON at line {error.lineno}: {error.msg}"
         for number, item in enumerate(items, start=1):
             if not isinstance(item, dict):
                 return f"item {number} of the array: rows must be JSON objects, got {_json_type(item)}"
@@ -58,7 +59,7 @@ def _locate_json_error(path: Path) -> str | None:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            return f"line {number}: {error.msg} (column {error.colno})"
+            return f"malformed JSON at line {number}: {error.msg} (column {error.colno})"
         if not isinstance(row, dict):
             return f"line {number}: rows must be JSON objects, got {_json_type(row)}"
     return None
@@ -90,7 +91,7 @@ def read_rows(path: str | os.PathLike, *, what: str = "data file") -> Any:
         raise DataError(f"{what} {path} is empty: it holds no rows")
     located = _locate_json_error(path)
     if located is not None:
-        raise DataError(f"{what} {path}: malformed JSON at {located}")
+        raise DataError(f"{what} {path}: {located}")
     shown = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # a small local file: no bars, then the caller's setting again
     try:
