@@ -164,7 +164,8 @@ def test_safe_rlhf_rows_map_through_safer_response_id(tmp_path):
         ("\n\n", "is empty"),
         ('{"question": "a", "answer": "b"}\n', r"fields \['answer', 'question'\], expected one of"),
         ("[1, 2]", r"item 1 of the array: rows must be JSON objects, got a number \(1\)"),
-        ('{"instruction": "a"}\n', "row 1: field 'output' is missing"),
+        ('{"instruction": "a"}\n', "for the alpaca format, 'output' is missing"),
+        ('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', "row 2: field 'output' is missing"),
         ('{"instruction": 3, "output": "b"}\n', "row 1: field 'instruction' must be a string"),
     ],
 )

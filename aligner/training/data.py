@@ -114,7 +114,12 @@ def _require(path: Path, columns: Iterable[str], formats: dict[str, tuple[str, .
         if set(fields) <= present:
             return name
     wanted = "; ".join(f"{name}: {', '.join(fields)}" for name, fields in formats.items())
-    raise DataError(f"{path}: rows have fields {sorted(present)}, expected one of the formats ({wanted})")
+    closest, fields = min(formats.items(), key=lambda item: len(set(item[1]) - present))
+    missing = ", ".join(repr(f) for f in fields if f not in present)
+    raise DataError(
+        f"{path}: rows have fields {sorted(present)}, expected one of the formats ({wanted}); "
+        f"for the {closest} format, {missing} is missing"
+    )
 
 
 def _text(path: Path, index: int, row: dict, field: str) -> str:
