@@ -617,9 +617,9 @@ COMMANDS = {
 }
 
 
-def _resume_command(argv: Sequence[str], resume: Any) -> str:
-    """The command line that continues an interrupted run: the same one with --resume (and without
-    --overwrite, which would start over)."""
+def _rerun_command(argv: Sequence[str], resume: Any, flag: str) -> str:
+    """The command line that goes on after Ctrl-C: the same one without --overwrite and --resume,
+    plus ``flag``: --resume to continue from the checkpoint, --overwrite to start again."""
     words, skip = ["aligner"], False
     for index, word in enumerate(argv):
         if skip:
@@ -631,7 +631,7 @@ def _resume_command(argv: Sequence[str], resume: Any) -> str:
             skip = isinstance(resume, str) and index + 1 < len(argv) and argv[index + 1] == resume
             continue
         words.append(word)
-    return shlex.join([*words, "--resume"])
+    return shlex.join([*words, flag])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -647,7 +647,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingInterrupted as interrupt:
         print(f"aligner {args.command}: {interrupt}", file=sys.stderr)
         if interrupt.checkpoint is not None:
-            print(f"continue with: {_resume_command(argv, args.resume)}", file=sys.stderr)
+            print(f"continue with: {_rerun_command(argv, args.resume, '--resume')}", file=sys.stderr)
+        else:
+            print(f"start again with: {_rerun_command(argv, args.resume, '--overwrite')}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print(f"aligner {args.command}: interrupted", file=sys.stderr)

@@ -619,3 +619,29 @@ def test_no_progress_silences_every_bar(model_dir, trained, tmp_path, capsys):
     code, _, err = run_cli(capsys, "generate", model_dir, "--aligner", trained, "--prompt", "hi",
                            "--max-new-tokens", "2")  # fmt: skip
     assert code == 0 and "%|" in err  # the bars this test looks for do exist
+
+
+def test_ctrl_c_before_the_first_step_prints_the_command_that_starts_again(
+    model_dir, tmp_path, capsys, monkeypatch
+):
+    import shlex
+
+    from transformers import TrainerCallback
+
+    import aligner.cli
+
+    class CtrlC(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            raise KeyboardInterrupt
+
+    real_callback = aligner.cli._console_callback
+    monkeypatch.setattr(aligner.cli, "_console_callback", lambda console: CtrlC())
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS)
+    argv = ["train", model_dir, "--data", data, "--output-dir", tmp_path / "out", *FAST]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 130 and "interrupted at step 0" in err and "nothing to resume" in err
+    command = err.split("start again with: ")[1].strip()
+    assert command.endswith("--overwrite")
+    monkeypatch.setattr(aligner.cli, "_console_callback", real_callback)
+    code, stdout, err = run_cli(capsys, *shlex.split(command)[1:], "--json")
+    assert code == 0 and json_lines(stdout)[-1]["steps"] == 2, err

@@ -46,7 +46,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 
     def __init__(self, output_dir: Path, step: int, checkpoint: Path | None) -> None:
         if checkpoint is None:
-            what = "before the first step: nothing to resume, start the run again"
+            what = "before the first step ended: nothing to resume; start the run again over this output"
         else:
             what = f"the Aligner so far is saved in {output_dir}, and {checkpoint.name} to resume from"
         super().__init__(f"interrupted at step {step}; {what}")
