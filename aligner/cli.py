@@ -289,8 +289,12 @@ def progress_bars(enabled: bool) -> Iterator[None]:
         return
     import datasets
     import huggingface_hub.utils as hub
-    import transformers.modeling_gguf_pytorch_utils as gguf_loading
     from transformers.utils import logging
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_loading
+    except ImportError:  # no GGUF support installed: no GGUF bars either
+        gguf_loading = None
 
     before = (
         logging.is_progress_bar_enabled(),
@@ -302,12 +306,14 @@ def progress_bars(enabled: bool) -> Iterator[None]:
     hub.disable_progress_bars()
     # The GGUF reader calls tqdm directly, with no switch of its own: its tqdm is swapped for the
     # command's duration.
-    gguf_tqdm = gguf_loading.tqdm
-    gguf_loading.tqdm = lambda *args, **kwargs: gguf_tqdm(*args, **{**kwargs, "disable": True})
+    gguf_tqdm = getattr(gguf_loading, "tqdm", None)
+    if gguf_tqdm is not None:
+        gguf_loading.tqdm = lambda *args, **kwargs: gguf_tqdm(*args, **{**kwargs, "disable": True})
     try:
         yield
     finally:
-        gguf_loading.tqdm = gguf_tqdm
+        if gguf_tqdm is not None:
+            gguf_loading.tqdm = gguf_tqdm
         if before[0]:
             logging.enable_progress_bar()
         if before[1]:

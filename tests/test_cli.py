@@ -536,6 +536,9 @@ def test_overwrite_removes_the_earlier_runs_checkpoints_only(model_dir, tmp_path
     (out / "checkpoint-7").mkdir()  # looks like a checkpoint, but aligner did not write it
     code, _, err = run_cli(capsys, *train, "--max-steps", "2", "--save-steps", "1")
     assert code == EXIT_ERROR and "--resume to continue it" in err and "--overwrite" in err
+    convert = ["convert", official_checkpoint(tmp_path / "ckpt.pth"), "--output-dir", out]
+    code, _, err = run_cli(capsys, *convert)  # another command's output is not mixed into this run
+    assert code == EXIT_ERROR and "already holds the output of an earlier aligner train" in err
     code, _, err = run_cli(capsys, *train, "--max-steps", "2", "--save-steps", "1", "--overwrite")
     assert code == 0, err
     names = sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint"))
