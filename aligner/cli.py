@@ -591,7 +591,7 @@ def cmd_info(args: argparse.Namespace, console: Console) -> None:
         base = info["base"]
         text = (
             f"Aligner {path}: {info['num_tokens']} token(s), layers {info['layers']} ({info['num_layers']}), "
-            f"{info['parameters']} parameters\nmade for {info['base_model'] or 'a base of'} "
+            f"{info['parameters']} parameters\nmade for {info['base_model'] or 'a base model'}: "
             + ", ".join(f"{key}={value}" for key, value in base.items())
         )
     else:
