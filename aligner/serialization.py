@@ -31,9 +31,12 @@ from typing import Any
 import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
-from torch import Tensor
+from torch import Tensor, nn
 
-from .patch import aligner_parameters, get_state, patch, unpatch
+from .files import sync_directory, write_temporary
+from .options import OptionError
+from .outputs import OutputDir
+from .patch import aligner_parameters, attention_layers, get_state, merge, patch, unpatch
 
 CONFIG_NAME = "aligner_config.json"
 WEIGHTS_NAME = "aligner_model.safetensors"
@@ -72,6 +75,23 @@ def base_fingerprint(config: Any) -> dict[str, Any]:
 
 def _describe(base: Mapping[str, Any]) -> str:
     return f"{base['model_type']} " + " ".join(f"{key}={base[key]}" for key in FINGERPRINT_KEYS[1:])
+
+
+def check_base(directory: str | os.PathLike, base: Mapping[str, Any]) -> dict[str, Any]:
+    """Raise ValueError, naming the base the Aligner in ``directory`` was made for, unless ``base`` (a
+    :func:`base_fingerprint`, e.g. of a model's config alone) matches it; returns the Aligner's config."""
+    config = read_config(directory)
+    saved = config["base"]
+    differing = [key for key in FINGERPRINT_KEYS if saved[key] != base[key]]
+    if differing:
+        made_for = (
+            f"{config['base_model']} ({_describe(saved)})" if config.get("base_model") else _describe(saved)
+        )
+        raise ValueError(
+            f"Aligner in {directory} was made for {made_for} but the model is {_describe(base)} "
+            f"(differs in {', '.join(differing)}); use it with the base model it was made for"
+        )
+    return config
 
 
 def _expected_shapes(base: Mapping[str, Any], num_tokens: int, start_layer: int) -> dict[str, tuple]:
@@ -141,23 +161,6 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
 # Writing
 
 
-def _write_file(directory: Path, name: str, data: bytes) -> Path:
-    """Write ``data`` to a new temporary file in ``directory`` (so that ``os.replace`` is atomic)."""
-    # Not tempfile.mkstemp, nor safetensors' save_file: both leave mode 0600 on the final file.
-    # open(..., "x") gives the usual 0666 & ~umask and never reuses an existing name.
-    tmp = directory / f".{name}.{secrets.token_hex(8)}.tmp"
-    try:
-        with open(tmp, "xb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    return tmp
-
-
 def _write(directory: str | os.PathLike, tensors: dict[str, Tensor], config: dict[str, Any]) -> Path:
     """Write both files atomically: serialise both, write each to a temporary file, then replace the
     weights and then the config. A failure before the renames leaves the directory as it was; the
@@ -173,20 +176,15 @@ def _write(directory: str | os.PathLike, tensors: dict[str, Tensor], config: dic
     directory.mkdir(parents=True, exist_ok=True)
     temporary = []
     try:
-        temporary.append(_write_file(directory, WEIGHTS_NAME, weights))
-        temporary.append(_write_file(directory, CONFIG_NAME, config_text.encode("utf-8")))
+        temporary.append(write_temporary(directory / WEIGHTS_NAME, weights))
+        temporary.append(write_temporary(directory / CONFIG_NAME, config_text))
         os.replace(temporary[0], directory / WEIGHTS_NAME)
         os.replace(temporary[1], directory / CONFIG_NAME)
     finally:
         for tmp in temporary:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-    if hasattr(os, "O_DIRECTORY"):  # make the renames durable (POSIX)
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    sync_directory(directory)
     return directory
 
 
@@ -214,8 +212,101 @@ def save(model, directory: str | os.PathLike) -> Path:
         if param.is_meta:
             raise ValueError(f"Aligner parameter {name!r} is on the meta device and holds no values to save")
         tensors[name] = param.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    config = _config(base_fingerprint(model.config), state.num_tokens, state.start_layer)
+    name = getattr(model.config, "_name_or_path", "") or None
+    config = _config(base_fingerprint(model.config), state.num_tokens, state.start_layer, base_model=name)
     return _write(directory, tensors, config)
+
+
+def merged_model(model: Any) -> list[int]:
+    """Turn a model carrying a 1-token Aligner into a plain transformers model: the Aligner is folded
+    into the o_proj biases, the patch is removed, and zero q/k/v biases are added with
+    ``config.attention_bias = True`` so that ``from_pretrained`` rebuilds it without this package.
+    Returns the layers whose bias changed. The model is changed in place."""
+    state = get_state(model)
+    if state.num_tokens != 1:
+        raise ValueError(f"the model's Aligner has {state.num_tokens} tokens; only a 1-token Aligner merges")
+    if not hasattr(model.config, "attention_bias"):
+        raise ValueError(
+            f"model type {model.config.model_type!r} has no attention_bias setting, so a merged o_proj bias "
+            "could not be saved as a plain transformers model"
+        )
+    layers = dict(state.layers)
+    merge(model)
+    biases = {index: attn.o_proj.bias.detach().clone() for index, attn in layers.items()}
+    unpatch(model)  # restores the original biases; the merged ones are put back below as plain parameters
+    with torch.no_grad():
+        for index, attn in attention_layers(model).items():
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                linear = getattr(attn, name)
+                if linear.bias is None:
+                    weight = linear.weight
+                    linear.bias = nn.Parameter(
+                        torch.zeros(linear.out_features, dtype=weight.dtype, device=weight.device)
+                    )
+            if index in biases:
+                attn.o_proj.bias.copy_(biases[index])
+    model.config.attention_bias = True
+    return sorted(biases)
+
+
+def save_pretrained_owned(output: OutputDir, *savers: Any) -> list[str]:
+    """``save_pretrained`` every one of ``savers`` (model, tokenizer) into ``output``'s directory without
+    deleting anything there: they write into a staging directory, then each file is recorded in the
+    manifest and renamed into place (each replaced atomically). Returns the file names."""
+    staging_name = f".staging-{secrets.token_hex(4)}"
+    output.own(staging_name)
+    staging = output.path / staging_name
+    try:
+        for saver in savers:
+            saver.save_pretrained(staging)
+        names = sorted(p.name for p in staging.iterdir())
+        nested = [name for name in names if (staging / name).is_dir()]
+        if nested:
+            raise ValueError(f"save_pretrained wrote directories ({', '.join(nested)}); expected files only")
+        output.own(*names)
+        for name in names:
+            os.replace(staging / name, output.path / name)
+        sync_directory(output.path)
+    finally:
+        output.remove(staging_name)
+    return names
+
+
+def describe_aligner(directory: str | os.PathLike) -> dict[str, Any]:
+    """A saved Aligner in short: its base, tokens, layers (as a range "first-last") and parameter count."""
+    config = read_config(directory)
+    base = config["base"]
+    last = base["num_hidden_layers"] - 1
+    return {
+        "aligner": str(directory),
+        "base_model": config.get("base_model"),
+        "base": base,
+        "num_tokens": config["num_tokens"],
+        "layers": f"{config['start_layer']}-{last}" if config["start_layer"] < last else str(last),
+        "num_layers": last + 1 - config["start_layer"],
+        "parameters": aligner_parameter_count(directory),
+    }
+
+
+def describe_base(base: Mapping[str, Any], num_tokens: int = 1, start_layer: int = 2) -> dict[str, Any]:
+    """A base model (its :func:`base_fingerprint`) and what an Aligner of ``num_tokens`` tokens from
+    layer ``start_layer`` on costs in parameters."""
+    layers = base["num_hidden_layers"]
+    if not 0 <= start_layer < layers:
+        raise OptionError(
+            f"{{start_layer}} must be in [0, {layers}) for a {layers}-layer model, got {start_layer}"
+        )
+    if num_tokens < 1:
+        raise OptionError(f"{{num_tokens}} must be >= 1, got {num_tokens}")
+    return {
+        **base,
+        "aligner": {
+            "num_tokens": num_tokens,
+            "layers": f"{start_layer}-{layers - 1}",
+            "parameters": num_tokens * base["hidden_size"]
+            + (layers - start_layer) * base["num_attention_heads"],
+        },
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,13 +365,8 @@ def load(model, directory: str | os.PathLike, *, backend: str | None = None):
     directory = Path(directory)
     config = read_config(directory)
     config_path = directory / CONFIG_NAME
-    saved_base, model_base = config["base"], base_fingerprint(model.config)
-    differing = [key for key in FINGERPRINT_KEYS if saved_base[key] != model_base[key]]
-    if differing:
-        raise ValueError(
-            f"Aligner in {directory} was made for {_describe(saved_base)} but the model is "
-            f"{_describe(model_base)} (differs in {', '.join(differing)})"
-        )
+    saved_base = config["base"]
+    check_base(directory, base_fingerprint(model.config))
     num_tokens, start_layer = config["num_tokens"], config["start_layer"]
     tensors = _read_weights(directory, config)
     weights_path = directory / WEIGHTS_NAME
@@ -330,7 +416,14 @@ def load(model, directory: str | os.PathLike, *, backend: str | None = None):
 
 
 def convert_official(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Convert one of the paper's Lit-LLaMA Aligner checkpoints (``*.pth``) into what :func:`load` reads.
+    """Convert one of the paper's Lit-LLaMA Aligner checkpoints (``*.pth``) into what :func:`load`
+    reads, in ``out_dir`` (see :func:`read_official`); returns ``out_dir``."""
+    tensors, config = read_official(path)
+    return _write(out_dir, tensors, config)
+
+
+def read_official(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read and check one of the paper's Lit-LLaMA Aligner checkpoints (``*.pth``).
 
     The file holds ``global_value_embedding.weight`` (N, hidden), one
     ``transformer.h.{l}.attn.gating_factor`` (1, H, 1, 1) per layer with an Aligner, and
@@ -338,7 +431,7 @@ def convert_official(path: str | os.PathLike, out_dir: str | os.PathLike) -> Pat
     (ignored; a warning is given if one differs). The start layer is the first layer with a gate
     and the model is assumed to end at the last one (true of the paper's checkpoints). The base
     fingerprint is LLaMA with multi-head attention (LLaMA-2 7B / 13B). Values are stored as fp32
-    (exact from bf16). Returns ``out_dir``.
+    (exact from bf16). Returns the tensors and the config that :func:`convert_official` writes.
     """
     path = Path(path)
     if not path.is_file():
@@ -346,10 +439,11 @@ def convert_official(path: str | os.PathLike, out_dir: str | os.PathLike) -> Pat
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors come in many types
+        # torch's message advises weights_only=False, which would run whatever code the file holds
         raise ValueError(
-            f"{path} is not a PyTorch checkpoint of plain tensors "
-            f"(torch.load(weights_only=True) failed: {error})"
-        ) from error
+            f"{path} is not a PyTorch checkpoint of plain tensors (it could not be read safely, without "
+            f"unpickling code: {type(error).__name__}); give one of the paper's Aligner .pth checkpoints"
+        ) from None
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a dict of tensors")
     if _OFFICIAL_PREFIX not in checkpoint:
@@ -427,8 +521,7 @@ def convert_official(path: str | os.PathLike, out_dir: str | os.PathLike) -> Pat
         "num_hidden_layers": last + 1,
         "head_dim": int(hidden // heads),
     }
-    config = _config(base, int(num_tokens), start_layer, converted_from=path.name)
-    return _write(out_dir, tensors, config)
+    return tensors, _config(base, int(num_tokens), start_layer, converted_from=path.name)
 
 
 def aligner_parameter_count(directory: str | os.PathLike) -> int:

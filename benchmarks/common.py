@@ -8,12 +8,13 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+
+from aligner.files import write_atomic
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -97,8 +98,8 @@ def write_results(name: str, rows: list[dict], directory: Path = RESULTS_DIR) ->
     """Write ``{name}.json`` (environment + rows) and ``{name}.md`` (a table), each atomically."""
     directory.mkdir(parents=True, exist_ok=True)
     payload = {"environment": environment(), "rows": rows}
-    json_path = _write_atomic(directory / f"{name}.json", json.dumps(payload, indent=2) + "\n")
-    md_path = _write_atomic(directory / f"{name}.md", markdown_table(rows, payload["environment"]))
+    json_path = write_atomic(directory / f"{name}.json", json.dumps(payload, indent=2) + "\n")
+    md_path = write_atomic(directory / f"{name}.md", markdown_table(rows, payload["environment"]))
     return json_path, md_path
 
 
@@ -124,16 +125,3 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
     return str(value)
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

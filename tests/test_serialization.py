@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from aligner import serialization
+from aligner import files, serialization
 from aligner.patch import aligner_parameters, merge, patch
 from aligner.serialization import (
     CONFIG_NAME,
@@ -146,14 +146,14 @@ def test_failed_weights_write_leaves_previous_files(tmp_path, monkeypatch):
     save(trained(tiny_model(), seed=1), tmp_path)
     before = snapshot(tmp_path)
 
-    real_write = serialization._write_file
+    real_write = serialization.write_temporary
 
-    def fail_on_config(directory, name, data):
-        if name == CONFIG_NAME:  # the weights' temporary file is already written
+    def fail_on_config(path, data):
+        if Path(path).name == CONFIG_NAME:  # the weights' temporary file is already written
             raise OSError("disk full")
-        return real_write(directory, name, data)
+        return real_write(path, data)
 
-    monkeypatch.setattr(serialization, "_write_file", fail_on_config)
+    monkeypatch.setattr(serialization, "write_temporary", fail_on_config)
     with pytest.raises(OSError, match="disk full"):
         save(trained(tiny_model(), seed=2), tmp_path)
     assert snapshot(tmp_path) == before  # unchanged, and no temp file left
@@ -177,7 +177,7 @@ def test_torn_temporary_file_is_removed(tmp_path, monkeypatch):
     def failing_fsync(fd):
         raise OSError("I/O error")
 
-    monkeypatch.setattr(serialization.os, "fsync", failing_fsync)
+    monkeypatch.setattr(files.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="I/O error"):
         save(trained(tiny_model(), seed=2), tmp_path)
     monkeypatch.undo()
@@ -233,6 +233,27 @@ def test_mismatched_base_is_refused(tmp_path, changes, differs):
     value = {"hidden": 48, "layers": 5, "kv_heads": 4, "heads": 8}[next(iter(changes))]
     assert f"{differs}={value}" in message and f"differs in {differs}" in message
     assert not hasattr(other, "aligner_state")  # refused before anything was patched
+
+
+def test_mismatched_base_error_names_the_base_and_needs_only_its_config(tmp_path):
+    model = trained(tiny_model())
+    model.config._name_or_path = "org/my-base"
+    save(model, tmp_path)
+    assert read_config(tmp_path)["base_model"] == "org/my-base"
+    other = tiny_model(hidden=48).config
+    with pytest.raises(
+        ValueError, match=r"made for org/my-base \(llama hidden_size=32 .*differs in hidden_size"
+    ):
+        serialization.check_base(tmp_path, serialization.base_fingerprint(other))
+    assert serialization.check_base(tmp_path, serialization.base_fingerprint(model.config))["num_tokens"] == 1
+
+
+def test_describe_aligner_gives_a_layer_range(tmp_path):
+    save(trained(tiny_model(layers=6), start_layer=2), tmp_path)
+    info = serialization.describe_aligner(tmp_path)
+    assert (info["layers"], info["num_layers"], info["parameters"]) == ("2-5", 4, 32 + 4 * 4)
+    cost = serialization.describe_base(serialization.base_fingerprint(tiny_model().config), 10, 1)["aligner"]
+    assert cost == {"num_tokens": 10, "layers": "1-3", "parameters": 10 * 32 + 3 * 4}
 
 
 def test_mismatched_model_type_is_refused(tmp_path):
@@ -437,8 +458,9 @@ def test_convert_rejects_other_files(tmp_path):
 def test_convert_refuses_pickled_code(tmp_path):
     """Only plain tensors are read: an arbitrary pickled object is refused, never executed."""
     torch.save({"global_value_embedding.weight": torch.zeros(1, 4), "x": Path("a")}, tmp_path / "evil.pth")
-    with pytest.raises(ValueError, match="weights_only=True"):
+    with pytest.raises(ValueError, match="without unpickling code") as error:
         convert_official(tmp_path / "evil.pth", tmp_path / "out")
+    assert "weights_only=False" not in str(error.value)  # torch's advice would run the file's code
 
 
 def test_convert_warns_on_differing_copies(tmp_path):

@@ -163,7 +163,9 @@ def test_safe_rlhf_rows_map_through_safer_response_id(tmp_path):
         ("", "is empty"),
         ("\n\n", "is empty"),
         ('{"question": "a", "answer": "b"}\n', r"fields \['answer', 'question'\], expected one of"),
-        ("[1, 2]", "could not be read|expected"),
+        ("[1, 2]", r"item 1 of the array: rows must be JSON objects, got a number \(1\)"),
+        ('{"instruction": "a"}\n', "for the alpaca format, 'output' is missing"),
+        ('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', "row 2: field 'output' is missing"),
         ('{"instruction": 3, "output": "b"}\n', "row 1: field 'instruction' must be a string"),
     ],
 )
@@ -223,8 +225,13 @@ def test_ctrl_c_saves_a_usable_aligner(tiny_dir, tmp_path):
         progress=False,
         callbacks=[_InterruptAt(3)],
     )
-    with pytest.raises(TrainingInterrupted, match="interrupted at step 3"):
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 3") as interrupt:
         train_sft(model, tokenizer, examples, config)
+    checkpoint = tmp_path / "out/checkpoint-3"  # a full checkpoint, although save_steps is 100
+    assert interrupt.value.checkpoint == checkpoint
+    assert {"aligner_run.json", "optimizer.pt", "trainer_state.json", "aligner_model.safetensors"} <= {
+        p.name for p in checkpoint.iterdir()
+    }
     fresh, _ = load_model(str(tiny_dir))
     aligner.load(fresh, tmp_path / "out")
     for name, param in aligner.aligner_parameters(fresh).items():

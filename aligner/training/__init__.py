@@ -2,10 +2,10 @@
 ``transformers.Trainer`` (DDP under ``torchrun`` / ``accelerate launch``), SFT, DPO and
 system-prompt distillation. Needs the ``train`` extra: ``pip install -e ".[train]"``."""
 
+from .config import TrainConfig
 from .data import DataError, preference_examples, prompt_examples, sft_examples
 from .models import ModelLoadError, generate, load_model
 from .run import (
-    TrainConfig,
     TrainingInterrupted,
     attach_aligner,
     distill_examples,

@@ -33,18 +33,25 @@ PREFERENCE = ("prompt", "chosen", "rejected")
 SAFE_RLHF = ("prompt", "response_0", "response_1", "safer_response_id")
 
 
+SUFFIXES = (".json", ".jsonl")
+
+
 class DataError(ValueError):
     """A data file that cannot be used; the message names the file (and the line where known)."""
 
 
 def _locate_json_error(path: Path) -> str | None:
-    """Where the first JSON syntax error in ``path`` is: 'line N: message', or None if it parses."""
+    """What is wrong with the JSON in ``path`` (the first syntax error and its line, or the first row
+    that is not an object), or None if it is a JSON array or JSON Lines of objects."""
     text = path.read_text(encoding="utf-8", errors="replace")
     if text.lstrip().startswith("["):
         try:
-            json.loads(text)
+            items = json.loads(text)
         except json.JSONDecodeError as error:
-            return f"line {error.lineno}: {error.msg}"
+            return f"malformed JSON at line {error.lineno}: {error.msg}"
+        for number, item in enumerate(items, start=1):
+            if not isinstance(item, dict):
+                return f"item {number} of the array: rows must be JSON objects, got {_json_type(item)}"
         return None
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -52,10 +59,18 @@ def _locate_json_error(path: Path) -> str | None:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            return f"line {number}: {error.msg} (column {error.colno})"
+            return f"malformed JSON at line {number}: {error.msg} (column {error.colno})"
         if not isinstance(row, dict):
-            return f"line {number}: expected a JSON object, got {type(row).__name__}"
+            return f"line {number}: rows must be JSON objects, got {_json_type(row)}"
     return None
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, with the value when short."""
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array"}
+    name = "null" if value is None else names.get(type(value), type(value).__name__)
+    shown = json.dumps(value)
+    return f"{name} ({shown})" if len(shown) <= 40 else name
 
 
 def read_rows(path: str | os.PathLike, *, what: str = "data file") -> Any:
@@ -67,19 +82,26 @@ def read_rows(path: str | os.PathLike, *, what: str = "data file") -> Any:
         raise DataError(
             f"{what} {path} does not exist" if not path.exists() else f"{what} {path} is not a file"
         )
+    if path.suffix.lower() not in SUFFIXES:
+        raise DataError(
+            f"{what} {path}: {path.suffix or 'a name without extension'} is not a format aligner reads; "
+            "give JSON Lines (.jsonl: one object per line) or JSON (.json: an array of objects)"
+        )
     if path.stat().st_size == 0 or not path.read_text(encoding="utf-8", errors="replace").strip():
         raise DataError(f"{what} {path} is empty: it holds no rows")
     located = _locate_json_error(path)
     if located is not None:
-        raise DataError(f"{what} {path}: malformed JSON at {located}")
-    datasets.disable_progress_bars()
+        raise DataError(f"{what} {path}: {located}")
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a small local file: no bars, then the caller's setting again
     try:
         dataset = datasets.load_dataset("json", data_files=str(path), split="train")
     except Exception as error:  # datasets raises several types (ArrowInvalid, DatasetGenerationError)
         cause = error.__cause__ or error
         raise DataError(f"{what} {path} could not be read as a table of rows: {cause}") from error
     finally:
-        datasets.enable_progress_bars()
+        if shown:
+            datasets.enable_progress_bars()
     if len(dataset) == 0:
         raise DataError(f"{what} {path} is empty: it holds no rows")
     return dataset
@@ -92,15 +114,20 @@ def _require(path: Path, columns: Iterable[str], formats: dict[str, tuple[str, .
         if set(fields) <= present:
             return name
     wanted = "; ".join(f"{name}: {', '.join(fields)}" for name, fields in formats.items())
-    raise DataError(f"{path}: rows have fields {sorted(present)}, expected one of the formats ({wanted})")
+    closest, fields = min(formats.items(), key=lambda item: len(set(item[1]) - present))
+    missing = ", ".join(repr(f) for f in fields if f not in present)
+    raise DataError(
+        f"{path}: rows have fields {sorted(present)}, expected one of the formats ({wanted}); "
+        f"for the {closest} format, {missing} is missing"
+    )
 
 
 def _text(path: Path, index: int, row: dict, field: str) -> str:
     value = row.get(field)
+    if value is None:  # datasets fills a field that some rows lack with None
+        raise DataError(f"{path}: row {index + 1}: field {field!r} is missing")
     if not isinstance(value, str):
-        raise DataError(
-            f"{path}: row {index + 1}: field {field!r} must be a string, got {type(value).__name__}"
-        )
+        raise DataError(f"{path}: row {index + 1}: field {field!r} must be a string, got {_json_type(value)}")
     return value
 
 

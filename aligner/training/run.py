@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainingArguments
 
+from ..files import write_atomic
+from ..options import OptionError
+from ..outputs import OutputDir, read_manifest
 from ..patch import patch, trainable_parameters
-from ..serialization import load, save
+from ..serialization import CONFIG_NAME, WEIGHTS_NAME, base_fingerprint, load, save
+from .config import TrainConfig
 from .data import (
     DataError,
     Messages,
@@ -24,44 +29,28 @@ from .data import (
     tokenize_sft,
 )
 from .models import generate
-from .trainer import METRICS_NAME, PLOT_NAME, AlignerDPOTrainer, AlignerTrainer, MetricsCallback, plot_losses
+from .trainer import (
+    METRICS_NAME,
+    PLOT_NAME,
+    RUN_INFO_NAME,
+    AlignerDPOTrainer,
+    AlignerTrainer,
+    MetricsCallback,
+    plot_losses,
+)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training; the Aligner as it was has been saved to ``output_dir``."""
+    """Ctrl-C during training. The Aligner as it was is saved in ``output_dir`` and, once a step
+    was done, a checkpoint ``checkpoint`` that ``resume`` continues from (None before the first step)."""
 
-    def __init__(self, output_dir: Path, step: int) -> None:
-        super().__init__(f"interrupted at step {step}; the Aligner so far is saved in {output_dir}")
-        self.output_dir, self.step = output_dir, step
-
-
-@dataclass
-class TrainConfig:
-    """Options shared by ``aligner train``, ``dpo`` and ``distill`` (the CLI flags of the same names)."""
-
-    output_dir: str
-    num_tokens: int = 1
-    start_layer: int = 2
-    lr: float = 9e-3
-    epochs: float = 1.0
-    max_steps: int = -1
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 512
-    lr_scheduler: str = "constant"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    bf16: bool = False
-    fp16: bool = False
-    logging_steps: int = 5
-    save_steps: int = 50
-    save_total_limit: int = 2
-    seed: int = 0
-    beta: float = 0.1
-    resume: str | bool | None = None
-    init_aligner: str | None = None
-    progress: bool = True
-    callbacks: list[TrainerCallback] = field(default_factory=list)
+    def __init__(self, output_dir: Path, step: int, checkpoint: Path | None) -> None:
+        if checkpoint is None:
+            what = "before the first step ended: nothing to resume; start the run again over this output"
+        else:
+            what = f"the Aligner so far is saved in {output_dir}, and {checkpoint.name} to resume from"
+        super().__init__(f"interrupted at step {step}; {what}")
+        self.output_dir, self.step, self.checkpoint = output_dir, step, checkpoint
 
 
 def attach_aligner(model: Any, config: TrainConfig) -> Any:
@@ -98,22 +87,125 @@ def _arguments(config: TrainConfig) -> TrainingArguments:
     )
 
 
-def _run(trainer: AlignerTrainer, config: TrainConfig, title: str) -> dict[str, Any]:
-    output = Path(config.output_dir)
+# --------------------------------------------------------------------------------------------
+# What a run depends on, so that a checkpoint is only resumed into the same run
+
+
+def base_info(model: Any) -> dict[str, Any]:
+    """The base model's architecture fingerprint plus the SHA-256 of its input embeddings (first 4096
+    rows, fp32): another checkpoint of the same architecture has other embeddings."""
+    weight = model.get_input_embeddings().weight[:4096].detach().to("cpu", torch.float32).contiguous()
+    digest = hashlib.sha256(weight.numpy().tobytes()).hexdigest()
+    return {**base_fingerprint(model.config), "embedding_sha256": digest}
+
+
+def run_info(command: str, config: TrainConfig, base: dict[str, Any] | None, rows: Any) -> dict[str, Any]:
+    """What ``aligner_run.json`` records: command, base model, data (SHA-256 of the tokenised rows)
+    and the settings that must not change on resume. ``base`` / ``rows`` None: not compared."""
+    info: dict[str, Any] = {"command": command, "config": config.fingerprint()}
+    if base is not None:
+        info["base"] = base
+    if rows is not None:
+        info["data_sha256"] = hashlib.sha256(json.dumps(list(rows), sort_keys=True).encode()).hexdigest()
+    return info
+
+
+def resume_checkpoint(config: TrainConfig) -> Path | None:
+    """The checkpoint ``config.resume`` names: the output directory's last checkpoint for True, the
+    given directory for a path; None when not resuming."""
+    if not config.resume:
+        return None
+    if config.resume is True:
+        manifest = read_manifest(config.output_dir) if Path(config.output_dir).is_dir() else None
+        steps = [
+            int(name.split("-")[1])
+            for name in (manifest or {"files": []})["files"]
+            if re.fullmatch(r"checkpoint-\d+", name)
+            and (Path(config.output_dir) / name / RUN_INFO_NAME).is_file()
+        ]
+        if not steps:
+            raise OptionError(
+                f"{{resume}}: {config.output_dir} holds no checkpoint of an aligner run to continue"
+            )
+        return Path(config.output_dir) / f"checkpoint-{max(steps)}"
+    path = Path(config.resume)
+    if not (path / "trainer_state.json").is_file():
+        raise OptionError(f"{{resume}}: {path} is not a training checkpoint (no trainer_state.json in it)")
+    return path
+
+
+def check_resumable(checkpoint: Path, expected: dict[str, Any]) -> None:
+    """Raise OptionError unless ``checkpoint`` was written by a run with the same command, base, data
+    and settings as ``expected`` (a :func:`run_info`; keys absent from it are not compared)."""
+    path = checkpoint / RUN_INFO_NAME
+    if not path.is_file():
+        raise OptionError(
+            f"{{resume}}: {checkpoint} has no {RUN_INFO_NAME}, so it cannot be checked against this run"
+        )
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    problems = []
+    if saved.get("command") != expected["command"]:
+        problems.append(f"it is an aligner {saved.get('command')} run, not {expected['command']}")
+    if "base" in expected and saved.get("base") != expected["base"]:
+        old = saved.get("base") or {}
+        differing = [key for key in expected["base"] if old.get(key) != expected["base"][key]]
+        problems.append(f"another base model (differs in {', '.join(differing)})")
+    if "data_sha256" in expected and saved.get("data_sha256") != expected["data_sha256"]:
+        problems.append("other training data")
+    old_config = saved.get("config") or {}
+    changed = [
+        f"{{{key}}} {old_config.get(key)!r} -> {value!r}"
+        for key, value in expected["config"].items()
+        if old_config.get(key) != value
+    ]
+    if changed:
+        problems.append("other settings: " + ", ".join(changed))
+    if problems:
+        raise OptionError(
+            f"{{resume}}: {checkpoint} belongs to another run: {'; '.join(problems)}. Resume with the "
+            "same base, data and settings, or start a new run in another directory (or with {overwrite})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _run(
+    trainer: AlignerTrainer, config: TrainConfig, title: str, command: str | None = None
+) -> dict[str, Any]:
+    """Claim the output directory (:mod:`aligner.outputs`) for ``command`` (train, dpo or distill; by
+    default from the trainer and the title), check a resumed checkpoint, train and save. Ctrl-C saves
+    the Aligner and a checkpoint of the last finished step."""
+    if command is None:
+        command = "dpo" if isinstance(trainer, AlignerDPOTrainer) else "train"
+        command = "distill" if "distill" in title.lower() else command
+    output_dir = Path(config.output_dir)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    metrics = output / METRICS_NAME
-    if not config.resume and trainer.args.should_save and metrics.exists():
-        metrics.unlink()  # a fresh run starts a fresh log; a resumed one appends
+    trainer.run_info = run_info(command, config, base_info(model), trainer.train_dataset)
+    checkpoint = resume_checkpoint(config)
+    if checkpoint is not None:
+        check_resumable(checkpoint, trainer.run_info)
+    if trainer.args.should_save:
+        trainer.output = OutputDir.claim(
+            output_dir,
+            trainer.run_info["command"],
+            overwrite=config.overwrite,
+            resume=bool(config.resume) and checkpoint is not None and checkpoint.parent == output_dir,
+            inputs=[config.init_aligner],
+        )
+        trainer.output.own(METRICS_NAME, PLOT_NAME, CONFIG_NAME, WEIGHTS_NAME)
+    metrics = output_dir / METRICS_NAME
     try:
-        result = trainer.train(resume_from_checkpoint=config.resume or None)
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except KeyboardInterrupt as interrupt:
+        saved = _save_on_interrupt(trainer)
         if trainer.args.should_save:
-            save(model, output)
+            save(model, output_dir)
             with open(metrics, "a", encoding="utf-8") as file:
                 file.write(json.dumps({"step": trainer.state.global_step, "event": "interrupted"}) + "\n")
-            plot_losses(metrics, output / PLOT_NAME, title)
-        raise TrainingInterrupted(output, trainer.state.global_step) from interrupt
-    trainer.save_model(str(output))
+            plot_losses(metrics, output_dir / PLOT_NAME, title)
+        raise TrainingInterrupted(output_dir, trainer.state.global_step, saved) from interrupt
+    trainer.save_model(str(output_dir))
     trainable, total = trainable_parameters(model)
     summary = {
         "steps": trainer.state.global_step,
@@ -123,15 +215,29 @@ def _run(trainer: AlignerTrainer, config: TrainConfig, title: str) -> dict[str, 
         "seconds": result.metrics.get("train_runtime"),
     }
     if trainer.args.should_save:
-        plot_losses(metrics, output / PLOT_NAME, title)
+        plot_losses(metrics, output_dir / PLOT_NAME, title)
         with open(metrics, "a", encoding="utf-8") as file:
             file.write(json.dumps({"event": "done", **summary}) + "\n")
     return summary
 
 
+def _save_on_interrupt(trainer: AlignerTrainer) -> Path | None:
+    """A full checkpoint (Aligner, optimizer, scheduler, RNG, trainer state) of the last finished step,
+    so that resume continues exactly there; None before the first step."""
+    step = trainer.state.global_step
+    if step == 0 or trainer.optimizer is None:
+        return None
+    checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+    if not (checkpoint / RUN_INFO_NAME).is_file():
+        trainer._save_checkpoint(trainer.model_wrapped, trial=None)
+    return checkpoint
+
+
 def _check_rows(rows: list, dropped: int, path: str | os.PathLike, max_length: int) -> None:
     if not rows:
-        raise DataError(f"{path}: no usable rows: all {dropped} prompts fill --max-length {max_length}")
+        raise DataError(
+            f"{path}: no usable rows: the prompts of all {dropped} rows fill max_length ({max_length} tokens)"
+        )
 
 
 def train_sft(
@@ -140,8 +246,11 @@ def train_sft(
     examples: list[tuple[Messages, str]],
     config: TrainConfig,
     source: str = "data",
+    *,
+    command: str = "train",
 ) -> dict[str, Any]:
-    """SFT of an Aligner on (prompt messages, completion) pairs; the loss covers completions only."""
+    """SFT of an Aligner on (prompt messages, completion) pairs; the loss covers completions only.
+    ``command``: what the output directory's manifest calls the run (distillation's SFT form: distill)."""
     rows, dropped = tokenize_sft(tokenizer, examples, config.max_length)
     _check_rows(rows, dropped, source, config.max_length)
     attach_aligner(model, config)
@@ -152,7 +261,7 @@ def train_sft(
         data_collator=sft_collator(tokenizer.pad_token_id),
         callbacks=[MetricsCallback(Path(config.output_dir) / METRICS_NAME), *config.callbacks],
     )
-    return {"dropped": dropped, **_run(trainer, config, "Aligner SFT loss")}
+    return {"dropped": dropped, **_run(trainer, config, "Aligner SFT loss", command)}
 
 
 def train_sft_file(
@@ -203,10 +312,4 @@ def distill_examples(
 
 def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
     """Write rows as JSON lines atomically (temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as file:
-        for row in rows:
-            file.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

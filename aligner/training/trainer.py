@@ -8,7 +8,9 @@ resuming. What is specific to an Aligner:
   :func:`aligner.save` (a few KB) instead of the whole base model, and resuming loads them with
   :func:`aligner.load`;
 - checkpoints are written into a staging directory and renamed into place, so an interrupted
-  save never leaves a ``checkpoint-N`` that resuming would pick up half-written;
+  save never leaves a ``checkpoint-N`` that resuming would pick up half-written; each is recorded
+  in the output directory's manifest (:mod:`aligner.outputs`) and carries ``aligner_run.json``, what
+  the run depends on, which resuming checks;
 - DPO's reference policy is the same model with the Aligner switched off
   (:func:`aligner.disabled`): no second copy of the base model. TRL's ``DPOTrainer`` can only
   do that for PEFT models (it disables their adapters); for any other model it loads a second
@@ -17,8 +19,10 @@ resuming. What is specific to an Aligner:
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -28,18 +32,46 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from ..files import write_atomic
+from ..outputs import OutputDir
 from ..patch import disabled
 from ..serialization import load, save
 
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss_curve.png"
+RUN_INFO_NAME = "aligner_run.json"
+
+
+class QuietProgressCallback(ProgressCallback):
+    """Trainer's progress bar without its printing of every log dict to stdout (the logs go to
+    ``metrics.jsonl`` and to whatever callback the caller adds)."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        pass
 
 
 class AlignerTrainer(Trainer):
-    """``Trainer`` that saves and resumes only the Aligner, with atomically renamed checkpoints."""
+    """``Trainer`` that saves and resumes only the Aligner, with atomically renamed checkpoints.
+
+    ``output``: the :class:`~aligner.outputs.OutputDir` of the run (None on the processes that do not
+    write), which records every checkpoint; only checkpoints it lists are rotated away. ``run_info``:
+    what the run depends on (base model, data, settings), written into every checkpoint as
+    ``aligner_run.json`` so that resuming can check it. Both are set by the run before training.
+    Nothing is printed to stdout: the logs go to the callbacks (``metrics.jsonl``, the caller's).
+    """
 
     _staging: Path | None = None
+    output: OutputDir | None = None
+    run_info: dict | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.remove_callback(PrinterCallback)
+        self.remove_callback(ProgressCallback)
+        if not self.args.disable_tqdm:
+            self.add_callback(QuietProgressCallback)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if self.args.should_save:
@@ -56,31 +88,35 @@ class AlignerTrainer(Trainer):
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         run_dir = Path(super()._get_output_dir(trial))
         name = f"checkpoint-{self.state.global_step}"
-        self._staging = run_dir / f".staging-{name}"
+        staging = f".staging-{name}"
+        if self.output is not None:
+            self.output.own(staging, name)
+        self._staging = run_dir / staging
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging = None
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            staged, final = run_dir / f".staging-{name}" / name, run_dir / name
+            staged, final = run_dir / staging / name, run_dir / name
+            if self.run_info is not None:
+                write_atomic(staged / RUN_INFO_NAME, json.dumps(self.run_info, indent=2) + "\n")
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staged, final)
-            shutil.rmtree(staged.parent, ignore_errors=True)
-            self._rotate(run_dir)
+            if self.output is not None:
+                self.output.remove(staging)
+                self._rotate()
         self.accelerator.wait_for_everyone()
 
-    def _rotate(self, run_dir: Path) -> None:
+    def _rotate(self) -> None:
         limit = self.args.save_total_limit
-        if not limit:
-            return
         checkpoints = sorted(
-            (p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-            key=lambda p: int(p.name.split("-")[-1]),
+            (name for name in self.output.files if re.fullmatch(r"checkpoint-\d+", name)),
+            key=lambda name: int(name.split("-")[-1]),
         )
-        for old in checkpoints[:-limit]:
-            shutil.rmtree(old, ignore_errors=True)
+        for old in checkpoints[:-limit] if limit else []:
+            self.output.remove(old)
 
 
 def sequence_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
@@ -179,8 +215,7 @@ def plot_losses(
     axis.set_title(title)
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
-    figure.savefig(tmp)
+    image = io.BytesIO()
+    figure.savefig(image, format="png")
     plt.close(figure)
-    os.replace(tmp, out_path)
-    return out_path
+    return write_atomic(out_path, image.getvalue())

@@ -1,0 +1,59 @@
+"""Writing files so that a crash or Ctrl-C never leaves one half-written: the one atomic-write routine
+of the project (temporary file in the same directory, flushed to disk, then ``os.replace``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+
+
+def temporary_name(path: str | os.PathLike) -> Path:
+    """A fresh hidden name beside ``path`` (same directory, so that ``os.replace`` onto it is atomic)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+
+
+def write_temporary(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write ``data`` to a new temporary file beside ``path`` and flush it to disk; returns its name.
+    The caller renames it onto ``path`` (:func:`os.replace`) or deletes it."""
+    # Not tempfile.mkstemp: it creates the file with mode 0600, which the rename would keep.
+    # open(..., "x") gives the usual 0666 & ~umask and never reuses an existing name.
+    tmp = temporary_name(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        with open(tmp, "xb") as file:
+            file.write(payload)
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return tmp
+
+
+def sync_directory(directory: str | os.PathLike) -> None:
+    """Make the renames done in ``directory`` durable (POSIX; a no-op elsewhere)."""
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Replace ``path`` with ``data`` (bytes, or text written as UTF-8) atomically: readers see the
+    old file or the new one, never a partial one. The parent directory must exist."""
+    path = Path(path)
+    tmp = write_temporary(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    sync_directory(path.parent)
+    return path

@@ -1,0 +1,105 @@
+"""``TrainConfig``: the options of a training run, the one source of the training command-line flags
+(each field's help text is in its metadata, as PEFT's configs do; ``aligner.cli`` builds the flags
+from them)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from transformers import SchedulerType, TrainerCallback
+
+from ..options import OptionError
+
+SCHEDULERS = tuple(kind.value for kind in SchedulerType)
+
+
+def option(default: Any = None, help: str = "", *, resumable: bool = True, **metadata: Any) -> Any:
+    """A ``TrainConfig`` field. ``resumable=False``: a value that must be the same to ``resume`` a run
+    (it is part of the run's fingerprint). Other metadata: ``choices``, ``commands`` (the commands that
+    have the flag; all by default), ``cli=False`` (no flag)."""
+    kind = {"default_factory": default} if callable(default) else {"default": default}
+    return field(**kind, metadata={"help": help, "fingerprint": not resumable, **metadata})
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``aligner train``, ``dpo`` and ``distill`` (their command-line flags are these fields)."""
+
+    output_dir: str = option(
+        help="where the Aligner, metrics.jsonl, loss_curve.png and checkpoints go (new or empty; "
+        "aligner_output.json in it lists what aligner wrote)",
+        required=True,
+    )
+    overwrite: bool = option(
+        False,
+        "replace an earlier aligner output in the output directory (files aligner did not write are kept)",
+    )
+    resume: str | bool | None = option(
+        None,
+        "continue the run in the output directory from its last checkpoint, or from the given checkpoint "
+        "directory (same base model, data and settings required)",
+    )
+    num_tokens: int = option(1, "Aligner prefix tokens N", resumable=False)
+    start_layer: int = option(2, "first layer with an Aligner", resumable=False)
+    init_aligner: str | None = option(
+        None, "start from this saved Aligner instead of a fresh one", resumable=False
+    )
+    lr: float = option(9e-3, "learning rate", resumable=False)
+    lr_scheduler: str = option("constant", "learning-rate schedule", resumable=False, choices=SCHEDULERS)
+    warmup_steps: int = option(0, "learning-rate warm-up steps", resumable=False)
+    weight_decay: float = option(0.0, "AdamW weight decay", resumable=False)
+    epochs: float = option(1.0, "training epochs")
+    max_steps: int = option(-1, "stop after this many optimizer steps (overrides the epochs; -1: no limit)")
+    batch_size: int = option(8, "per-device batch size", resumable=False)
+    grad_accum: int = option(1, "gradient accumulation steps", resumable=False)
+    max_length: int = option(512, "tokens per example, prompt included", resumable=False)
+    bf16: bool = option(False, "bfloat16 mixed precision", resumable=False)
+    fp16: bool = option(False, "float16 mixed precision (CUDA)", resumable=False)
+    logging_steps: int = option(5, "log the loss every this many steps")
+    save_steps: int = option(50, "write a checkpoint every this many steps")
+    save_total_limit: int = option(2, "checkpoints kept (the oldest are deleted)")
+    seed: int = option(0, "random seed", resumable=False)
+    beta: float = option(0.1, "DPO temperature beta", resumable=False, commands=("dpo",))
+    progress: bool = option(True, "progress bars (on stderr)")
+    callbacks: list[TrainerCallback] = option(list, "extra transformers TrainerCallbacks", cli=False)
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise OptionError("{output_dir} is required: where the Aligner and its checkpoints go")
+        positive = ("num_tokens", "batch_size", "grad_accum", "max_length", "logging_steps", "save_steps")
+        for name in (*positive, "save_total_limit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise OptionError(f"{{{name}}} must be an integer >= 1, got {value!r}")
+        for name in ("start_layer", "warmup_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise OptionError(f"{{{name}}} must be an integer >= 0, got {value!r}")
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps == 0:
+            raise OptionError(
+                f"{{max_steps}} must be >= 1 (or -1 to train {{epochs}} epochs), got {self.max_steps!r}"
+            )
+        if self.max_steps < -1:
+            raise OptionError(
+                f"{{max_steps}} must be >= 1 (or -1 to train {{epochs}} epochs), got {self.max_steps}"
+            )
+        for name in ("lr", "epochs", "beta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise OptionError(f"{{{name}}} must be a finite number > 0, got {value!r}")
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise OptionError(f"{{weight_decay}} must be a finite number >= 0, got {self.weight_decay!r}")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise OptionError(
+                f"{{lr_scheduler}} must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}"
+            )
+        if self.bf16 and self.fp16:
+            raise OptionError("{bf16} and {fp16} exclude each other: choose one mixed precision")
+        if self.overwrite and self.resume:
+            raise OptionError("{overwrite} and {resume} exclude each other: start over or continue, not both")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The values that must be the same for a run to be resumed."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["fingerprint"]}
