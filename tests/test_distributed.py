@@ -44,30 +44,31 @@ TORCHRUN_SECONDS = 240  # torchrun: two interpreters importing transformers, the
 
 @pytest.fixture(scope="module")
 def reaper():
-    """Process ids to end when the test ends: SIGKILL to whatever is still alive (or its group)."""
-    started: list[tuple[int, bool]] = []  # (pid, is a process-group leader)
-    yield lambda pid, group=False: started.append((pid, group))
-    for pid, group in started:
+    """Register started processes; when the tests end, SIGKILL each one still alive: a spawned rank
+    (``multiprocessing.Process``) by its pid, a launcher (``subprocess.Popen`` started in its own
+    session) by its process group, which also ends ranks that outlived the launcher."""
+    started: list = []
+    yield started.append
+    for process in started:
         try:
-            if group:
-                os.killpg(pid, signal.SIGKILL)
-            else:
-                os.kill(pid, signal.SIGKILL)
+            if isinstance(process, subprocess.Popen):
+                os.killpg(process.pid, signal.SIGKILL)
+            elif process.is_alive():  # not yet reaped, so the pid is still this process's
+                os.kill(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass  # already gone: the normal case
 
 
-def _run_ranks(function, reaper, *args) -> None:
-    """``function(rank, store_path, *args)`` on WORLD spawned processes; fails on any rank's error
+def _run_ranks(function, reaper, out: Path) -> None:
+    """``function(rank, store_path, out)`` on WORLD spawned processes; fails on any rank's error
     (with its traceback) or when they have not all finished within JOIN_SECONDS."""
     import torch.multiprocessing as mp
 
-    store = Path(args[0]) / "store"
     context = mp.start_processes(
-        function, args=(str(store), *args), nprocs=WORLD, join=False, start_method="spawn"
+        function, args=(str(out / "store"), str(out)), nprocs=WORLD, join=False, start_method="spawn"
     )
-    for pid in context.pids():
-        reaper(pid)
+    for process in context.processes:
+        reaper(process)
     deadline = time.monotonic() + JOIN_SECONDS
     while not context.join(timeout=max(1.0, deadline - time.monotonic())):
         if time.monotonic() > deadline:
@@ -234,7 +235,7 @@ def _rank(rank: int, store: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory, reaper) -> Path:
     out = tmp_path_factory.mktemp("ranks")
-    _run_ranks(_rank, reaper, str(out))
+    _run_ranks(_rank, reaper, out)
     return out
 
 
@@ -332,7 +333,7 @@ def test_cli_torchrun_two_ranks_equals_one_process(tmp_path, reaper):
         command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=env, start_new_session=True,
     )  # fmt: skip
-    reaper(process.pid, group=True)
+    reaper(process)
     try:
         output, _ = process.communicate(timeout=TORCHRUN_SECONDS)
     except subprocess.TimeoutExpired:
