@@ -51,13 +51,14 @@ def test_compute_dtype(layer, expected):
     assert is_quantized(layer) == (layer.weight.dtype != expected)
 
 
-def test_compute_dtype_unknown_needs_an_explicit_dtype():
-    layer = StandIn(torch.int8)
-    with pytest.raises(ValueError, match=r"StandIn computes in.*int8.*pass dtype="):
+def test_compute_dtype_falls_back_to_the_activations_dtype():
+    layer = StandIn(torch.int8)  # bnb Linear8bitLt without a bias: takes any float input
+    assert compute_dtype(layer, torch.float16) == torch.float16
+    assert compute_dtype(nn.Linear(4, 8), torch.float16) == torch.float32  # full precision: the weights
+    with pytest.raises(ValueError, match=r"StandIn computes in.*int8.*activations' dtype"):
         compute_dtype(layer)
-    tokens = torch.randn(2, 4)
-    with pytest.raises(ValueError, match="pass dtype="):
-        aligner.project_prefix(tokens, layer, layer, head_dim=4)
+    with pytest.raises(ValueError, match="activations' dtype"):
+        aligner.project_prefix(torch.randn(2, 4), layer, layer, head_dim=4)
 
 
 # --------------------------------------------------------------------------------------------
