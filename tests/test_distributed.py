@@ -33,9 +33,11 @@ import aligner
 
 WORLD = 2
 VOCAB = 300
-TIMEOUT = timedelta(seconds=60)  # every collective of the process group
-JOIN_SECONDS = 120  # the ranks of one test, start-up (imports) included
-TORCHRUN_SECONDS = 240  # torchrun: two interpreters importing transformers, then training
+# Generous, because the 2 CI cores may be shared: each rank imports transformers (~7 s of CPU),
+# and these limits only have to turn a hang into a failure.
+TIMEOUT = timedelta(seconds=120)  # every collective of the process group
+JOIN_SECONDS = 360  # the ranks of one spawn, start-up (imports) included
+TORCHRUN_SECONDS = 360  # torchrun: two interpreters importing transformers, then training
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,22 +62,34 @@ def reaper():
 
 
 def _run_ranks(function, reaper, out: Path) -> None:
-    """``function(rank, store_path, out)`` on WORLD spawned processes; fails on any rank's error
-    (with its traceback) or when they have not all finished within JOIN_SECONDS."""
+    """``function(rank, store_path, out, deadline)`` on WORLD spawned processes (deadline: wall-clock
+    seconds); fails on any rank's error (with its traceback) or when they have not all finished
+    within JOIN_SECONDS."""
     import torch.multiprocessing as mp
 
+    deadline = time.time() + JOIN_SECONDS
     context = mp.start_processes(
-        function, args=(str(out / "store"), str(out)), nprocs=WORLD, join=False, start_method="spawn"
+        function,
+        args=(str(out / "store"), str(out), deadline),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
     )
     for process in context.processes:
         reaper(process)
-    deadline = time.monotonic() + JOIN_SECONDS
-    while not context.join(timeout=max(1.0, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
+    while not context.join(timeout=max(1.0, deadline - time.time())):
+        if time.time() > deadline:
             alive = [p.pid for p in context.processes if p.is_alive()]
             for process in context.processes:
                 process.kill()
-            pytest.fail(f"ranks {alive} still running after {JOIN_SECONDS} s (killed)")
+            logs = "\n".join(f"{p.name}:\n{p.read_text()}" for p in sorted(out.glob("rank*.log")))
+            pytest.fail(f"ranks {alive} still running after {JOIN_SECONDS} s (killed); their logs:\n{logs}")
+
+
+def _log(out: Path, rank: int, event: str) -> None:
+    """Progress of a rank, read by the test (what it checked) and shown if the ranks time out."""
+    with open(out / f"rank{rank}.log", "a", encoding="utf-8") as file:
+        file.write(f"{time.strftime('%H:%M:%S')} {event}\n")
 
 
 def _init(rank: int, store: str) -> None:
@@ -166,7 +180,7 @@ def _ddp(rank: int, out: Path) -> None:
         optimizer.zero_grad()
     copies = _all_gather(_flat(model))
     assert torch.equal(copies[0], copies[1]), "Aligner weights differ between ranks"
-    (out / f"ddp{rank}").write_text("ok")
+    _log(out, rank, "ddp: gradients averaged, ranks identical")
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,7 +231,7 @@ def _fsdp(rank: int, out: Path) -> None:
     sharded = _shard(aligner.patch(_tiny_model(), num_tokens=2))
     aligner.load(sharded, trained)
     torch.testing.assert_close(sharded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
-    (out / f"fsdp{rank}").write_text("ok")
+    _log(out, rank, "fsdp2: trained like unsharded, saved, loaded")
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,10 +239,18 @@ def _fsdp(rank: int, out: Path) -> None:
 # failing check ends its rank, and the join reports that rank's traceback.
 
 
-def _rank(rank: int, store: str, out: str) -> None:
+def _rank(rank: int, store: str, out: str, deadline: float) -> None:
+    import faulthandler
+
+    out = Path(out)
+    _log(out, rank, "started")
+    # If this rank hangs, its threads' stacks land in its log shortly before the test kills it.
+    stacks = open(out / f"rank{rank}.log", "a", encoding="utf-8")  # noqa: SIM115 - open until os._exit
+    faulthandler.dump_traceback_later(max(1.0, deadline - time.time() - 15), file=stacks)
     _init(rank, store)
-    _ddp(rank, Path(out))
-    _fsdp(rank, Path(out))
+    _log(out, rank, "gloo process group up")
+    _ddp(rank, out)
+    _fsdp(rank, out)
     _finish()
 
 
@@ -240,13 +262,15 @@ def two_ranks(tmp_path_factory, reaper) -> Path:
 
 
 def test_ddp_averages_gradients_and_keeps_ranks_identical(two_ranks):
-    assert sorted(p.name for p in two_ranks.glob("ddp*")) == ["ddp0", "ddp1"]
+    for rank in range(WORLD):
+        assert "ddp: gradients averaged, ranks identical" in (two_ranks / f"rank{rank}.log").read_text()
 
 
 def test_fsdp2_patch_train_save_load(two_ranks):
     """Sharded with ``fully_shard`` (FSDP2) on CPU/gloo: training equals unsharded training on the
     global batch; ``save`` gathers the shards; ``load`` works before or after sharding."""
-    assert sorted(p.name for p in two_ranks.glob("fsdp*")) == ["fsdp0", "fsdp1"]
+    for rank in range(WORLD):
+        assert "fsdp2: trained like unsharded, saved, loaded" in (two_ranks / f"rank{rank}.log").read_text()
 
 
 # --------------------------------------------------------------------------------------------
