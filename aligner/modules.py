@@ -40,15 +40,46 @@ class AlignerPrefix(nn.Module):
         return f"num_tokens={self.tokens.shape[0]}, hidden_size={self.tokens.shape[1]}"
 
 
+def is_quantized(linear: nn.Module) -> bool:
+    """Whether a linear layer stores quantized weights: bitsandbytes keeps int8 (8-bit) or packed
+    uint8 (4-bit), FP8 schemes one-byte floats; full precision is fp16 / bf16 / fp32 / fp64."""
+    weight = linear.weight
+    return not (weight.is_floating_point() and weight.element_size() > 1)
+
+
+def compute_dtype(linear: nn.Module, fallback: torch.dtype | None = None) -> torch.dtype:
+    """The dtype a linear layer takes its input in: its weight's dtype, unless the weight is
+    quantized; then the layer's own ``compute_dtype`` (bitsandbytes 4-bit), its bias's dtype, or
+    ``fallback`` (bitsandbytes 8-bit layers accept any float input: pass the activations' dtype)."""
+    weight = linear.weight
+    if not is_quantized(linear):
+        return weight.dtype
+    bias = getattr(linear, "bias", None)
+    for dtype in (getattr(linear, "compute_dtype", None), None if bias is None else bias.dtype, fallback):
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            return dtype
+    raise ValueError(
+        f"cannot tell which dtype {type(linear).__name__} computes in: its weight is quantized "
+        f"({weight.dtype}) and it has no compute_dtype or floating-point bias; pass the activations' "
+        "dtype as the fallback"
+    )
+
+
 def project_prefix(
-    tokens: Tensor, k_proj: nn.Module, v_proj: nn.Module, head_dim: int
+    tokens: Tensor,
+    k_proj: nn.Module,
+    v_proj: nn.Module,
+    head_dim: int,
+    activation_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """A layer's prefix keys and values: its own k_proj / v_proj (bias included, no RoPE, no norm).
 
-    tokens (N, hidden) or (B, N, hidden) -> prefix_k, prefix_v (N, H_kv, D) or (B, N, H_kv, D),
-    in the projections' dtype.
+    tokens (N, hidden) or (B, N, hidden) -> prefix_k, prefix_v (N, H_kv, D) or (B, N, H_kv, D).
+    The tokens enter the projections in :func:`compute_dtype` of ``k_proj``: the weights' dtype,
+    or for quantized projections (bitsandbytes 8-bit / 4-bit, whose weights are integers) their
+    compute dtype, falling back to ``activation_dtype`` (the dtype of the layer's hidden states).
     """
-    tokens = tokens.to(k_proj.weight.dtype)
+    tokens = tokens.to(compute_dtype(k_proj, activation_dtype))
     return k_proj(tokens).unflatten(-1, (-1, head_dim)), v_proj(tokens).unflatten(-1, (-1, head_dim))
 
 
@@ -117,7 +148,7 @@ class AlignerFlashAttention(nn.Module):
                 raise ValueError(
                     "prefix tokens need the layer's k_proj and v_proj (or pass (prefix_k, prefix_v))"
                 )
-            prefix_k, prefix_v = project_prefix(prefix, k_proj, v_proj, q.shape[-1])
+            prefix_k, prefix_v = project_prefix(prefix, k_proj, v_proj, q.shape[-1], q.dtype)
         options = {
             "causal": self.causal,
             "softmax_scale": self.softmax_scale,

@@ -19,7 +19,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from .attention import aligner_attention
-from .modules import AlignerFlashAttention, AlignerPrefix, project_prefix
+from .modules import AlignerFlashAttention, AlignerPrefix, is_quantized, project_prefix
 
 ATTENTION_NAME = "aligner"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -98,7 +98,9 @@ def aligner_attention_hf(
     aligner: AlignerFlashAttention | None = getattr(module, "aligner", None)
     prefix = {}
     if aligner is not None:
-        prefix_k, prefix_v = project_prefix(aligner.shared_prefix(), module.k_proj, module.v_proj, head_dim)
+        prefix_k, prefix_v = project_prefix(
+            aligner.shared_prefix(), module.k_proj, module.v_proj, head_dim, query.dtype
+        )
         prefix = {"prefix_k": prefix_k.to(q.dtype), "prefix_v": prefix_v.to(q.dtype), "gate": aligner.gate}
     options = {"softmax_scale": scaling, "backend": getattr(module, "aligner_backend", None)}
 
@@ -305,12 +307,21 @@ def merge(model: PreTrainedModel) -> PreTrainedModel:
         )
     if state.merged_biases is not None:
         raise ValueError("the Aligner is already merged")
+    for index, attn in state.layers.items():
+        if is_quantized(attn.o_proj):
+            raise ValueError(
+                f"merge needs a full-precision o_proj, but layer {index}'s o_proj "
+                f"({type(attn.o_proj).__name__}) holds quantized {attn.o_proj.weight.dtype} weights, "
+                "into which the Aligner's constant cannot be folded. Keep the Aligner unmerged on the "
+                "quantized model, or load the base without quantization (e.g. dtype=torch.bfloat16), "
+                "aligner.load it, merge, and quantize the merged model afterwards"
+            )
     merged = {}
     with torch.no_grad():
         for index, attn in state.layers.items():
             o_proj = attn.o_proj
             _, prefix_v = project_prefix(
-                attn.aligner.shared_prefix(), attn.k_proj, attn.v_proj, attn.head_dim
+                attn.aligner.shared_prefix(), attn.k_proj, attn.v_proj, attn.head_dim, o_proj.weight.dtype
             )
             group = attn.aligner.gate.shape[0] // prefix_v.shape[1]
             per_head = attn.aligner.gate[:, None] * prefix_v[0].float().repeat_interleave(group, dim=0)

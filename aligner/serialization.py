@@ -199,19 +199,37 @@ def _config(base: dict[str, Any], num_tokens: int, start_layer: int, **extra: An
     }
 
 
+def _whole(tensor: Tensor) -> Tensor:
+    """The whole tensor. FSDP2 (``fully_shard``) holds each rank's shard of a parameter in a DTensor;
+    gathering it is a collective, so on a sharded model every rank must call ``save``."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _like(param: Tensor, tensor: Tensor) -> Tensor:
+    """``tensor`` laid out like ``param``: for a DTensor (FSDP2) this rank's shard, cut locally from
+    the whole tensor that every rank read from the same file (no communication)."""
+    if not hasattr(param, "device_mesh"):
+        return tensor
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(tensor, param.device_mesh, param.placements, src_data_rank=None)
+
+
 def save(model, directory: str | os.PathLike) -> Path:
     """Save the Aligner of a patched ``model`` to ``directory`` (created if needed); returns the directory.
 
     Writes ``aligner_config.json`` and ``aligner_model.safetensors`` (fp32, a few KB), each
     atomically, weights first and config last. A previous Aligner in ``directory`` is replaced;
-    if writing fails, it is left as it was.
+    if writing fails, it is left as it was. On an FSDP2-sharded model (``fully_shard``) the
+    parameters are gathered first, a collective: call ``save`` on every rank (each writes the same
+    bytes, atomically).
     """
     state = get_state(model)
     tensors = {}
     for name, param in aligner_parameters(model).items():
         if param.is_meta:
             raise ValueError(f"Aligner parameter {name!r} is on the meta device and holds no values to save")
-        tensors[name] = param.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        tensors[name] = _whole(param.detach()).to(device="cpu", dtype=torch.float32).contiguous()
     name = getattr(model.config, "_name_or_path", "") or None
     config = _config(base_fingerprint(model.config), state.num_tokens, state.start_layer, base_model=name)
     return _write(directory, tensors, config)
@@ -407,7 +425,7 @@ def load(model, directory: str | os.PathLike, *, backend: str | None = None):
     _check_tensors(tensors, {name: tuple(p.shape) for name, p in params.items()}, weights_path)
     with torch.no_grad():
         for name, param in params.items():
-            param.copy_(tensors[name])
+            param.copy_(_like(param, tensors[name]))
     return model
 
 

@@ -82,6 +82,9 @@ def _arguments(config: TrainConfig) -> TrainingArguments:
         remove_unused_columns=False,
         disable_tqdm=not config.progress,
         ddp_find_unused_parameters=False,
+        # Without an accelerator, accelerate runs a multi-process launch (torchrun) as CPU DDP only
+        # when told use_cpu; otherwise every rank would train alone on the whole data set.
+        use_cpu=not torch.accelerator.is_available(),
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
