@@ -242,8 +242,11 @@ def test_backward_is_deterministic(num_tokens):
     num_tokens=st.integers(1, 80),
     causal=st.booleans(),
     per_sequence=st.booleans(),
+    gate_per_sequence=st.booleans(),
 )
-def test_kernel_property(data, group, kv_heads, head_dim, num_tokens, causal, per_sequence):
+def test_kernel_property(
+    data, group, kv_heads, head_dim, num_tokens, causal, per_sequence, gate_per_sequence
+):
     """Random shapes and N, packed with random lengths (L_q <= L_k), against the reference."""
     batch = data.draw(st.integers(1, 3), label="batch")
     seqlens = []
@@ -257,6 +260,7 @@ def test_kernel_property(data, group, kv_heads, head_dim, num_tokens, causal, pe
         head_dim=head_dim,
         num_tokens=num_tokens,
         per_sequence=per_sequence,
+        gate_per_sequence=gate_per_sequence,
         seed=data.draw(st.integers(0, 2**16), label="seed"),
     )
     check_against_reference(inputs, causal=causal, **varlen)
