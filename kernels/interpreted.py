@@ -41,20 +41,27 @@ _LOCK = threading.Lock()
 _LANGUAGE_MODULES = (tl, tl.core, tl.math, tl.standard)
 
 
+# One interpreted launch at a time: the interpreter's patching is process-wide, so two threads
+# interleaving their patches and restores would leave patched builtins behind.
+_RUN_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def language_restored():
-    """Put every attribute of triton.language's modules back as it was on entry."""
-    saved = [(module, dict(vars(module))) for module in _LANGUAGE_MODULES]
-    try:
-        yield
-    finally:
-        for module, attributes in saved:
-            current = vars(module)
-            for name in [name for name in current if name not in attributes]:
-                delattr(module, name)
-            for name, value in attributes.items():
-                if current.get(name) is not value:
-                    setattr(module, name, value)
+    """Run an interpreted launch; put every attribute of triton.language's modules back as it
+    was on entry."""
+    with _RUN_LOCK:
+        saved = [(module, dict(vars(module))) for module in _LANGUAGE_MODULES]
+        try:
+            yield
+        finally:
+            for module, attributes in saved:
+                current = vars(module)
+                for name in [name for name in current if name not in attributes]:
+                    delattr(module, name)
+                for name, value in attributes.items():
+                    if current.get(name) is not value:
+                        setattr(module, name, value)
 
 
 class InterpretedLanguage(types.ModuleType):
@@ -97,6 +104,7 @@ def _import_copy(package: types.ModuleType, name: str, modules: tuple[str, ...])
     copy = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(name, None, is_package=True))
     copy.__path__ = list(package.__path__)  # the same files; relative imports stay inside the copy
     sys.modules[name] = copy
+    sys.modules[f"{name}.{__name__.rpartition('.')[2]}"] = sys.modules[__name__]  # this module: one copy
     try:
         with knobs.runtime.scope():
             knobs.runtime.interpret = True
@@ -107,8 +115,9 @@ def _import_copy(package: types.ModuleType, name: str, modules: tuple[str, ...])
             del sys.modules[key]
         raise
     language = InterpretedLanguage()
-    for module in [sys.modules[key] for key in list(sys.modules) if key.startswith(f"{name}.")]:
-        if module.__dict__.get("tl") is tl:
+    copies = [sys.modules[key] for key in list(sys.modules) if key.startswith(f"{name}.")]
+    for module in copies:
+        if module.__name__.startswith(f"{name}.") and module.__dict__.get("tl") is tl:
             module.tl = language
             # The interpreter patches triton.language while a kernel runs and finds it through
             # the kernel's globals.
