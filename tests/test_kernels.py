@@ -130,8 +130,9 @@ def test_zero_gate_is_plain_attention_exactly():
 @pytest.mark.parametrize("gate_per_sequence", [False, True], ids=["shared_gate", "per_seq_gate"])
 def test_per_sequence_prefix_equals_each_sequence_alone(gate_per_sequence):
     inputs, _ = make_inputs(
-        batch=3, num_tokens=4, per_sequence=True, gate_per_sequence=gate_per_sequence, seqlen_q=18
-    )
+        batch=3, num_tokens=4, per_sequence=True, gate_per_sequence=gate_per_sequence, seqlen_q=17, heads=2,
+        kv_heads=1,
+    )  # fmt: skip
     dout = torch.randn(inputs[0].shape, device=DEVICE)
     out, grads = forward_backward(inputs, dout)
     q, k, v, pk, pv, gate = inputs
@@ -151,7 +152,15 @@ def test_per_sequence_prefix_equals_each_sequence_alone(gate_per_sequence):
 def test_zero_gate_row_is_plain_attention_exactly(num_tokens):
     """A row without an Aligner (gate row 0) in a batch of per-sequence Aligners: its output and
     its dq, dk, dv are the prefix-less kernels' bits."""
-    inputs, _ = make_inputs(batch=3, num_tokens=num_tokens, per_sequence=True, gate_per_sequence=True)
+    inputs, _ = make_inputs(
+        batch=3,
+        seqlen_q=17,
+        heads=2,
+        kv_heads=1,
+        num_tokens=num_tokens,
+        per_sequence=True,
+        gate_per_sequence=True,
+    )
     q, k, v, pk, pv, gate = inputs
     with torch.no_grad():
         gate[1] = 0.0
