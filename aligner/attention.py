@@ -12,9 +12,12 @@ from kernels import SUPPORTED_HEAD_DIMS
 
 from .checks import check_attention_inputs
 from .reference import aligner_attention_reference
-from .triton_op import fused_attention_forward
+from .triton_op import fused_attention_forward, fused_decode_forward
 
 BACKENDS = ("auto", "triton", "reference")
+# Query blocks up to this long (decoding with a KV cache, speculative verification) run the
+# split-KV forward when no gradient is needed.
+DECODE_MAX_QUERIES = 16
 
 
 def _use_triton(backend: str, q: Tensor) -> bool:
@@ -67,9 +70,10 @@ def aligner_attention(
             (batch_size, num_tokens, nheads_k, headdim) one prefix per sequence: the Aligner
             tokens through this layer's k_proj (no RoPE). num_tokens >= 1. Same dtype as q.
         prefix_v: same shape and dtype as prefix_k (the tokens through v_proj).
-        gate: (nheads,), this layer's per-head gate; float32 even when q is half precision.
-            prefix_k, prefix_v and gate all None: plain flash attention (a layer without an
-            Aligner).
+        gate: (nheads,), this layer's per-head gate shared by the batch, or (batch_size, nheads)
+            one row per sequence (a row of zeros: that sequence gets exactly the plain attention);
+            float32 even when q is half precision. prefix_k, prefix_v and gate all None: plain
+            flash attention (a layer without an Aligner).
         causal: causal mask over the sequence, aligned to the bottom-right corner when
             seqlen_q < seqlen_k (decoding with a KV cache). Prefix tokens are always visible.
         softmax_scale: defaults to 1 / sqrt(headdim).
@@ -84,6 +88,10 @@ def aligner_attention(
     Returns:
         out: (batch_size, seqlen_q, nheads, headdim), or packed (total_q, nheads, headdim); q's
         dtype. Differentiable in q, k, v, prefix_k, prefix_v and gate.
+
+    With the Triton backend, a query block of at most 16 tokens (decoding) that needs no gradient
+    runs the split-KV forward (flash-decoding: the keys are split across programs, the partial
+    softmaxes merged, the gated prefix added once); otherwise the fused kernels.
     """
     backend = backend or os.environ.get("ALIGNER_BACKEND", "auto")
     if backend not in BACKENDS:
@@ -114,8 +122,11 @@ def aligner_attention(
         q, k, v = (x.reshape(-1, *x.shape[2:]) for x in (q, k, v))
     if gate is not None:  # the kernels read an fp32 gate as a dense array
         gate = gate.float().contiguous()
-    out, _, _ = fused_attention_forward(
-        q, k, v, prefix_k, prefix_v, gate, cu_seqlens_q, cu_seqlens_k,
-        max_seqlen_q, max_seqlen_k, float(scale), causal,
-    )  # fmt: skip
+    inputs = (q, k, v, prefix_k, prefix_v, gate, cu_seqlens_q, cu_seqlens_k)
+    args = (*inputs, max_seqlen_q, max_seqlen_k, float(scale), causal)
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
+    if max_seqlen_q <= DECODE_MAX_QUERIES and not needs_grad:
+        out = fused_decode_forward(*args)
+    else:
+        out, _, _ = fused_attention_forward(*args)
     return out if packed else out.view(-1, max_seqlen_q, *out.shape[1:])

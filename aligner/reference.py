@@ -20,7 +20,8 @@ def _upcast(x: Tensor) -> Tensor:
 
 
 def _batched(q, k, v, prefix_k, prefix_v, gate, causal: bool, scale: float) -> Tensor:
-    """q (B, L_q, H, D), k/v (B, L_k, H_kv, D), prefix (N, H_kv, D), (B, N, H_kv, D) or None."""
+    """q (B, L_q, H, D), k/v (B, L_k, H_kv, D), prefix (N, H_kv, D), (B, N, H_kv, D) or None,
+    gate (H,), (B, H) or None."""
     batch, len_q, len_k = q.shape[0], q.shape[1], k.shape[1]
     q, k, v = (_upcast(x).transpose(1, 2) for x in (q, k, v))  # heads first
     mask = None
@@ -44,7 +45,8 @@ def _batched(q, k, v, prefix_k, prefix_v, gate, causal: bool, scale: float) -> T
         prefix_out = pv.repeat_interleave(q.shape[1] // pv.shape[1], dim=1) + 0.0 * pk.sum()
     else:  # separate softmax over the N prefix tokens, visible to every query (no mask)
         prefix_out = F.scaled_dot_product_attention(q, pk, pv, scale=scale, enable_gqa=True)
-    out = torch.addcmul(out, gate.to(out.dtype)[:, None, None], prefix_out)
+    # gate (H,) shared or (B, H) per sequence, against out (B, H, L_q, D)
+    out = torch.addcmul(out, gate.to(out.dtype)[..., None, None], prefix_out)
     return out.transpose(1, 2)
 
 
@@ -65,18 +67,20 @@ def aligner_attention_reference(
 
     Same shapes as :func:`aligner.aligner_attention`: q (B, L_q, H, D) and k/v (B, L_k, H_kv, D),
     or packed q (total_q, H, D) and k/v (total_k, H_kv, D) with ``cu_seqlens_q/k``; prefix_k/v
-    (N, H_kv, D) shared or (B, N, H_kv, D) per sequence; gate (H,). With prefix_k, prefix_v and
-    gate None it is plain (flash) attention. Returns q's shape and dtype.
+    (N, H_kv, D) shared or (B, N, H_kv, D) per sequence; gate (H,) shared or (B, H) per sequence.
+    With prefix_k, prefix_v and gate None it is plain (flash) attention. Returns q's shape and dtype.
     Inputs are assumed valid (the public op checks them).
     """
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     if cu_seqlens_q is None:
         return _batched(q, k, v, prefix_k, prefix_v, gate, causal, scale).to(q.dtype)
     per_sequence = prefix_k is not None and prefix_k.dim() == 4
+    gate_per_sequence = gate is not None and gate.dim() == 2
     bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     outs = []
     for b, (q0, q1, k0, k1) in enumerate(zip(bounds_q, bounds_q[1:], bounds_k, bounds_k[1:])):
         prefix = [p[b : b + 1] if per_sequence else p for p in (prefix_k, prefix_v)]
-        one = _batched(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], *prefix, gate, causal, scale)
+        gate_b = gate[b : b + 1] if gate_per_sequence else gate
+        one = _batched(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], *prefix, gate_b, causal, scale)
         outs.append(one[0])
     return torch.cat(outs).to(q.dtype)

@@ -3,36 +3,24 @@
 Registered with ``torch.library.custom_op`` (forward and backward each an opaque op with a fake
 implementation), so a compiled model keeps the fused kernel instead of graph-breaking on it.
 Inputs here are already validated and packed: q (total_q, H, D), k/v (total_k, H_kv, D),
-prefix (N, H_kv, D) or (B, N, H_kv, D), gate (H,) fp32, cu_seqlens int32 (B + 1,); prefix and
-gate None for plain attention (their gradients then come back as empty tensors, since a custom
+prefix (N, H_kv, D) or (B, N, H_kv, D), gate (H,) or (B, H) fp32, cu_seqlens int32 (B + 1,);
+prefix and gate None for plain attention (their gradients then come back as empty tensors, since a custom
 op cannot return None, and leave the autograd function as None).
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-
 import torch
 from torch import Tensor
 
+import kernels
+
 
 def load_kernels(device: torch.device):
-    """Import the ``kernels`` package, under the Triton interpreter when the tensors live on the CPU.
-
-    Triton decides at import time whether its kernels are compiled or interpreted, so CPU
-    tensors need ``TRITON_INTERPRET=1`` before the first import of ``kernels``.
-    """
-    if "kernels.forward" not in sys.modules and device.type == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"
-    kernels = importlib.import_module("kernels")
-    if device.type == "cpu" and not kernels.INTERPRETING:
-        raise RuntimeError(
-            "backend='triton' got CPU tensors, but the Triton kernels were already compiled for the GPU; "
-            "set TRITON_INTERPRET=1 before importing aligner to run them on the CPU through the interpreter"
-        )
-    return kernels
+    """The kernel launchers for tensors on ``device``: the Triton interpreter's copy for CPU
+    tensors, the compiled one otherwise. Both may be used in one process, in any order, and
+    neither changes TRITON_INTERPRET or any other process-wide setting (kernels/interpreted.py)."""
+    return kernels.load(interpreted=device.type == "cpu")
 
 
 def _as_batched_prefix(prefix: Tensor | None, batch: int) -> Tensor | None:
@@ -40,6 +28,13 @@ def _as_batched_prefix(prefix: Tensor | None, batch: int) -> Tensor | None:
     if prefix is None or prefix.dim() == 4:
         return prefix
     return prefix.unsqueeze(0).expand(batch, *prefix.shape)
+
+
+def _as_batched_gate(gate: Tensor | None, batch: int) -> Tensor | None:
+    # Likewise the gate, (B, H); a shared (H,) gate is read with batch stride 0.
+    if gate is None or gate.dim() == 2:
+        return gate
+    return gate.unsqueeze(0).expand(batch, *gate.shape)
 
 
 def _last_dim_contiguous(x: Tensor | None) -> Tensor | None:
@@ -64,8 +59,9 @@ def fused_attention_forward(
     batch = cu_seqlens_q.shape[0] - 1
     q, k, v, prefix_k, prefix_v = map(_last_dim_contiguous, (q, k, v, prefix_k, prefix_v))
     return load_kernels(q.device).aligner_attention_forward(
-        q, k, v, _as_batched_prefix(prefix_k, batch), _as_batched_prefix(prefix_v, batch), gate,
-        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+        q, k, v, _as_batched_prefix(prefix_k, batch), _as_batched_prefix(prefix_v, batch),
+        _as_batched_gate(gate, batch), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+        causal,
     )  # fmt: skip
 
 
@@ -113,9 +109,11 @@ def fused_attention_backward(
     batch = cu_seqlens_q.shape[0] - 1
     dout, q, k, v, prefix_k, prefix_v = map(_last_dim_contiguous, (dout, q, k, v, prefix_k, prefix_v))
     grads = load_kernels(q.device).aligner_attention_backward(
-        dout, q, k, v, _as_batched_prefix(prefix_k, batch), _as_batched_prefix(prefix_v, batch), gate,
-        out, lse, lse_prefix, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+        dout, q, k, v, _as_batched_prefix(prefix_k, batch), _as_batched_prefix(prefix_v, batch),
+        _as_batched_gate(gate, batch), out, lse, lse_prefix, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, softmax_scale, causal,
         shared_prefix=prefix_k is not None and prefix_k.dim() == 3,
+        shared_gate=gate is not None and gate.dim() == 1,
     )  # fmt: skip
     return tuple(q.new_empty(0) if grad is None else grad for grad in grads)
 
@@ -156,3 +154,33 @@ def _backward(ctx, dout, _dlse, _dlse_prefix):
 
 
 fused_attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("aligner::fused_decode_forward", mutates_args=())
+def fused_decode_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor | None,
+    prefix_v: Tensor | None,
+    gate: Tensor | None,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+) -> Tensor:
+    """The split-KV (flash-decoding) forward for short query blocks; no backward."""
+    batch = cu_seqlens_q.shape[0] - 1
+    q, k, v, prefix_k, prefix_v = map(_last_dim_contiguous, (q, k, v, prefix_k, prefix_v))
+    return load_kernels(q.device).aligner_attention_decode(
+        q, k, v, _as_batched_prefix(prefix_k, batch), _as_batched_prefix(prefix_v, batch),
+        _as_batched_gate(gate, batch), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+        causal,
+    )  # fmt: skip
+
+
+@fused_decode_forward.register_fake
+def _(q, *rest):
+    return torch.empty_like(q)

@@ -1,25 +1,40 @@
 """Triton kernels of the fused Aligner attention: ``@triton.jit`` functions and their launchers.
 
-The kernel modules are imported on first use, not with the package: Triton fixes at import time
-whether their kernels are compiled for the GPU or run by the interpreter (``TRITON_INTERPRET``),
-so importing the package (e.g. for ``SUPPORTED_HEAD_DIMS``) must not make that choice.
+The kernel modules exist twice in a process: compiled (``kernels.forward``, ...) for GPU tensors
+and interpreted (``kernels._interpreted.forward``, ..., see interpreted.py) for CPU tensors, each
+imported on first use. :func:`load` hands out the launchers of one of them.
 """
+
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+import types
 
 from .configs import SUPPORTED_HEAD_DIMS
 
-_LAZY = {
-    "aligner_attention_forward": "forward",
-    "INTERPRETING": "forward",
-    "aligner_attention_backward": "backward",
-}
+KERNEL_MODULES = ("forward", "backward", "decode")
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+@functools.cache
+def load(interpreted: bool) -> types.SimpleNamespace:
+    """The launchers ``aligner_attention_forward``, ``aligner_attention_backward`` and
+    ``aligner_attention_decode``, and ``INTERPRETING``: run by the Triton interpreter (for CPU
+    tensors) if ``interpreted``, else compiled for the GPU (interpreted as well if the user set
+    TRITON_INTERPRET=1 before importing Triton)."""
+    package = __name__
+    if interpreted:
+        from .interpreted import interpreted_package
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        package = interpreted_package(sys.modules[__name__], KERNEL_MODULES).__name__
+    forward, backward, decode = (importlib.import_module(f"{package}.{name}") for name in KERNEL_MODULES)
+    return types.SimpleNamespace(
+        aligner_attention_forward=forward.aligner_attention_forward,
+        aligner_attention_backward=backward.aligner_attention_backward,
+        aligner_attention_decode=decode.aligner_attention_decode,
+        INTERPRETING=forward.INTERPRETING,
+    )
 
 
-__all__ = ["INTERPRETING", "SUPPORTED_HEAD_DIMS", "aligner_attention_backward", "aligner_attention_forward"]
+__all__ = ["KERNEL_MODULES", "SUPPORTED_HEAD_DIMS", "load"]

@@ -28,12 +28,15 @@ from .configs import (
     BACKWARD_DKDV_CONFIGS,
     BACKWARD_DQ_CONFIGS,
     ROWWISE_CONFIGS,
+    SMALLEST_BLOCK_M,
     block_d,
     block_p,
     dot_precision,
+    interpreter_scope,
     launcher,
     multiprocessor_count,
     prefix_variant,
+    seqlen_bucket,
 )
 from .forward import (
     INTERPRETING,
@@ -66,6 +69,7 @@ def aligner_attention_bwd_delta_kernel(
     LsePrefix,
     DeltaMain,
     DeltaPrefix,
+    DGatePartial,
     CuSeqQ,
     CuSeqK,
     stride_qm,
@@ -76,14 +80,17 @@ def aligner_attention_bwd_delta_kernel(
     stride_pvb,
     stride_pvn,
     stride_pvh,
+    stride_gb,
     stride_om,
     stride_oh,
     stride_dom,
     stride_doh,
     stride_lh,
+    stride_dgb,
+    stride_dgh,
     num_prefix,
     qk_scale,
-    max_seqlen_q,
+    seqlen_bucket_q,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -131,9 +138,12 @@ def aligner_attention_bwd_delta_kernel(
             a = prefix_probabilities(q, pk, offs_p, num_prefix, lse_prefix, qk_scale, DOT_PRECISION)
             dp = tl.dot(do, tl.trans(pv), input_precision=DOT_PRECISION)
             delta_prefix += tl.sum(a * dp, 1)
-    gate = tl.load(Gate + head)
+    gate = tl.load(Gate + b * stride_gb + head)
     tl.store(DeltaMain + row_offset, delta - gate * delta_prefix, mask=row_mask)
     tl.store(DeltaPrefix + row_offset, delta_prefix, mask=row_mask)
+    # dgate[b, head] = sum of delta_prefix over the sequence's rows: this block's share (rows past
+    # the sequence hold 0), summed over the blocks by the launcher in a fixed order.
+    tl.store(DGatePartial + b * stride_dgb + head * stride_dgh + start_m, tl.sum(delta_prefix, 0))
 
 
 @triton.jit
@@ -207,6 +217,7 @@ def aligner_attention_bwd_dq_kernel(
     stride_pvb,
     stride_pvn,
     stride_pvh,
+    stride_gb,
     stride_dom,
     stride_doh,
     stride_dqm,
@@ -215,8 +226,8 @@ def aligner_attention_bwd_dq_kernel(
     num_prefix,
     sm_scale,
     qk_scale,
-    max_seqlen_q,
-    max_seqlen_k,
+    seqlen_bucket_q,
+    seqlen_bucket_k,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -261,7 +272,7 @@ def aligner_attention_bwd_dq_kernel(
 
     if PREFIX == MANY_TOKENS:
         # Prefix part: dT = A * (gate dO.PV - gate delta_pre), dq += sum_n dT_n PK_n.
-        gate = tl.load(Gate + head)
+        gate = tl.load(Gate + b * stride_gb + head)
         lse_prefix = tl.load(LsePrefix + row_offset, mask=row_mask, other=float("inf"))
         delta_prefix = tl.load(DeltaPrefix + row_offset, mask=row_mask, other=0.0)
         pk_ptrs = PK + b * stride_pkb + kv_head * stride_pkh + offs_d[None, :]
@@ -351,8 +362,8 @@ def aligner_attention_bwd_dkdv_kernel(
     stride_lh,
     sm_scale,
     qk_scale,
-    max_seqlen_q,
-    max_seqlen_k,
+    seqlen_bucket_q,
+    seqlen_bucket_k,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -433,6 +444,7 @@ def aligner_attention_bwd_prefix_kernel(
     stride_pvb,
     stride_pvn,
     stride_pvh,
+    stride_gb,
     stride_dom,
     stride_doh,
     stride_partial_z,
@@ -478,7 +490,7 @@ def aligner_attention_bwd_prefix_kernel(
             mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
             rows = q_start.to(tl.int64) + offs_m[:, None]
             for head in range(kv_head * GROUP, (kv_head + 1) * GROUP):
-                gate = tl.load(Gate + head)
+                gate = tl.load(Gate + b * stride_gb + head)
                 do = tl.load(
                     DOut + rows * stride_dom + head * stride_doh + offs_d[None, :], mask=mask, other=0.0
                 )
@@ -507,20 +519,24 @@ def aligner_attention_bwd_prefix_kernel(
         tl.store(DPKPartial + out, dpk * sm_scale, mask=p_mask)
 
 
-_DQ_KEY = ["max_seqlen_q", "max_seqlen_k", "HEAD_DIM", "GROUP", "BLOCK_P", "CAUSAL", "PREFIX"]
 _launch_delta = launcher(
     aligner_attention_bwd_delta_kernel,
     ROWWISE_CONFIGS,
-    key=["max_seqlen_q", "HEAD_DIM", "BLOCK_P", "PREFIX"],
+    key=["seqlen_bucket_q", "HEAD_DIM", "BLOCK_P", "PREFIX"],
     interpreting=INTERPRETING,
 )
+# As in the forward, the prefix switches stay out of the key: a gate-0 row's dq is the prefix-less
+# kernel's, bit for bit.
 _launch_dq = launcher(
-    aligner_attention_bwd_dq_kernel, BACKWARD_DQ_CONFIGS, key=_DQ_KEY, interpreting=INTERPRETING
+    aligner_attention_bwd_dq_kernel,
+    BACKWARD_DQ_CONFIGS,
+    key=["seqlen_bucket_q", "seqlen_bucket_k", "HEAD_DIM", "GROUP", "CAUSAL"],
+    interpreting=INTERPRETING,
 )
 _launch_dkdv = launcher(
     aligner_attention_bwd_dkdv_kernel,
     BACKWARD_DKDV_CONFIGS,
-    key=["max_seqlen_q", "max_seqlen_k", "HEAD_DIM", "GROUP", "CAUSAL"],
+    key=["seqlen_bucket_q", "seqlen_bucket_k", "HEAD_DIM", "GROUP", "CAUSAL"],
     interpreting=INTERPRETING,
 )
 # The prefix kernel's grid depends on BLOCK_M through the split count, so it is not autotuned:
@@ -554,13 +570,14 @@ def aligner_attention_backward(
     softmax_scale: float,
     causal: bool,
     shared_prefix: bool,
+    shared_gate: bool,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients of :func:`kernels.forward.aligner_attention_forward`'s output.
 
-    Same layouts as the forward (dout like q; prefix (B, N, H_kv, D), batch stride 0 when
-    shared, or None). Returns dq, dk, dv like q, k, v; dprefix_k, dprefix_v as (N, H_kv, D)
-    when ``shared_prefix`` else (B, N, H_kv, D), in the prefix dtype, and dgate (H,) fp32 (all
-    three None without a prefix).
+    Same layouts as the forward (dout like q; prefix (B, N, H_kv, D) and gate (B, H), batch
+    stride 0 when shared, or None). Returns dq, dk, dv like q, k, v; dprefix_k, dprefix_v as
+    (N, H_kv, D) when ``shared_prefix`` else (B, N, H_kv, D), in the prefix dtype, and dgate
+    fp32, (H,) when ``shared_gate`` else (B, H) (all three None without a prefix).
     """
     total_q, heads, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -581,17 +598,24 @@ def aligner_attention_backward(
         "BLOCK_D": block_d(head_dim),
         "DOT_PRECISION": dot_precision(q.dtype),
     }
-    prefix_strides = (*prefix_k.stride()[:3], *prefix_v.stride()[:3])
+    prefix_strides = (*prefix_k.stride()[:3], *prefix_v.stride()[:3], gate.stride(0))
+    # One dgate partial per (sequence, head, query block); sized for the smallest BLOCK_M any
+    # config may pick, the blocks a launch does not have stay 0.
+    dgate_partial = torch.zeros(
+        (batch, heads, triton.cdiv(max_seqlen_q, SMALLEST_BLOCK_M) if has_prefix else 0),
+        device=q.device,
+        dtype=torch.float32,
+    )
 
     def query_grid(meta):
         return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)
 
     _launch_delta(
         query_grid, head_dim,
-        q, prefix_k, prefix_v, gate, out, dout, lse_prefix, delta_main, delta_prefix,
+        q, prefix_k, prefix_v, gate, out, dout, lse_prefix, delta_main, delta_prefix, dgate_partial,
         cu_seqlens_q, cu_seqlens_k, q.stride(0), q.stride(1), *prefix_strides,
         out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), lse.stride(0),
-        num_prefix, qk_scale, max_seqlen_q,
+        dgate_partial.stride(0), dgate_partial.stride(1), num_prefix, qk_scale, seqlen_bucket(max_seqlen_q),
         BLOCK_P=block_p(num_prefix), PREFIX=variant, **common,
     )  # fmt: skip
     _launch_dq(
@@ -600,7 +624,7 @@ def aligner_attention_backward(
         cu_seqlens_q, cu_seqlens_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *prefix_strides,
         dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
-        num_prefix, softmax_scale, qk_scale, max_seqlen_q, max_seqlen_k,
+        num_prefix, softmax_scale, qk_scale, seqlen_bucket(max_seqlen_q), seqlen_bucket(max_seqlen_k),
         BLOCK_P=block_p(num_prefix), CAUSAL=causal, PREFIX=variant, **common,
     )  # fmt: skip
     _launch_dkdv(
@@ -608,7 +632,7 @@ def aligner_attention_backward(
         q, k, v, dout, dk, dv, lse, delta_main, cu_seqlens_q, cu_seqlens_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        lse.stride(0), softmax_scale, qk_scale, max_seqlen_q, max_seqlen_k,
+        lse.stride(0), softmax_scale, qk_scale, seqlen_bucket(max_seqlen_q), seqlen_bucket(max_seqlen_k),
         CAUSAL=causal, **common,
     )  # fmt: skip
 
@@ -625,17 +649,20 @@ def aligner_attention_backward(
     dpv_partial = torch.empty(partial_shape, device=q.device, dtype=torch.float32)
     dpk_partial = torch.empty((0,) if single else partial_shape, device=q.device, dtype=torch.float32)
     launch_options = {} if INTERPRETING else {"num_warps": 4, "num_stages": 2}
-    aligner_attention_bwd_prefix_kernel[(chunks, kv_heads, sequence_groups * splits)](
-        q, prefix_k, prefix_v, gate, dout, dpk_partial, dpv_partial, lse_prefix, delta_prefix,
-        cu_seqlens_q, cu_seqlens_k, q.stride(0), q.stride(1), *prefix_strides, dout.stride(0), dout.stride(1),
-        *dpv_partial.stride()[:3], lse.stride(0), num_prefix, sequences_per_program, splits,
-        softmax_scale, qk_scale, BLOCK_P=chunk, PREFIX=variant, BLOCK_M=block_m, BLOCK_N=16,
-        **common, **launch_options,
-    )  # fmt: skip
+    with interpreter_scope(INTERPRETING):
+        aligner_attention_bwd_prefix_kernel[(chunks, kv_heads, sequence_groups * splits)](
+            q, prefix_k, prefix_v, gate, dout, dpk_partial, dpv_partial, lse_prefix, delta_prefix,
+            cu_seqlens_q, cu_seqlens_k, q.stride(0), q.stride(1), *prefix_strides, dout.stride(0),
+            dout.stride(1), *dpv_partial.stride()[:3], lse.stride(0), num_prefix, sequences_per_program,
+            splits, softmax_scale, qk_scale, BLOCK_P=chunk, PREFIX=variant, BLOCK_M=block_m, BLOCK_N=16,
+            **common, **launch_options,
+        )  # fmt: skip
     partial_to_grad = (
         (lambda t: t.sum(0)) if shared_prefix else (lambda t: t.view(batch, splits, *t.shape[1:]).sum(1))
     )
     dprefix_v = partial_to_grad(dpv_partial).to(prefix_v.dtype)
     dprefix_k = torch.zeros_like(dprefix_v) if single else partial_to_grad(dpk_partial).to(prefix_k.dtype)
-    dgate = delta_prefix.sum(1)
+    dgate = dgate_partial.sum(2)
+    if shared_gate:
+        dgate = dgate.sum(0)
     return dq, dk, dv, dprefix_k, dprefix_v, dgate

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
 import torch
 import triton
+
+from .interpreted import language_restored
 
 # Kernels exist for these head dims; the library falls back to the reference for the others.
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 96, 128, 256)
@@ -42,13 +45,26 @@ BACKWARD_DKDV_CONFIGS = {
     128: [_config(64, 128, 8, 2), _config(32, 64, 4, 2)],
     256: [_config(32, 64, 4, 1), _config(32, 32, 4, 2)],
 }
+# Split-KV decoding (kernels/decode.py): BLOCK_M is the GQA group's query rows, padded to the 16
+# rows tl.dot needs (the interpreter's BLOCK_M too); a decode step is bound by reading the cache,
+# so the configs differ in the key tile.
+DECODE_BLOCK_M = 16
+DECODE_CONFIGS = {
+    64: [_config(DECODE_BLOCK_M, 64, 4, 3), _config(DECODE_BLOCK_M, 128, 4, 3)],
+    128: [_config(DECODE_BLOCK_M, 64, 4, 3), _config(DECODE_BLOCK_M, 128, 4, 2)],
+    256: [_config(DECODE_BLOCK_M, 32, 4, 3), _config(DECODE_BLOCK_M, 64, 4, 2)],
+}
 # Row-wise kernels (Delta, prefix reductions): only BLOCK_M matters; BLOCK_N is unused.
 ROWWISE_CONFIGS = {
     64: [_config(64, 16, 4, 2), _config(128, 16, 8, 2)],
     128: [_config(64, 16, 4, 2), _config(128, 16, 8, 2)],
     256: [_config(32, 16, 4, 1), _config(64, 16, 8, 1)],
 }
-
+# The smallest BLOCK_M any launcher may run the row-wise kernels with (buffers of per-block
+# partials are sized by it).
+SMALLEST_BLOCK_M = min(
+    INTERPRETER_CONFIG["BLOCK_M"], *(c.kwargs["BLOCK_M"] for cs in ROWWISE_CONFIGS.values() for c in cs)
+)
 
 # The kernels' compile-time PREFIX switch: no prefix (plain flash attention: a layer without an
 # Aligner, or a merged one), one token (closed form: softmax = 1, an epilogue add), N tokens.
@@ -75,6 +91,14 @@ def block_p(num_prefix: int) -> int:
     return min(MAX_BLOCK_P, max(16, triton.next_power_of_2(num_prefix)))
 
 
+def seqlen_bucket(length: int) -> int:
+    """The autotune key of a sequence length: the next power of two. A decode loop or padding-free
+    training sees a new longest length at almost every step; keyed on raw lengths, the autotuner
+    would benchmark every config again each time. The kernels read the true lengths from
+    cu_seqlens, so any length inside a bucket runs correctly with the bucket's config."""
+    return triton.next_power_of_2(max(1, length))
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs (CPU tests, debugging) get true fp32 products instead of TF32.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -86,19 +110,26 @@ def multiprocessor_count(device_index: int) -> int:
 
 
 def launcher(kernel, configs_by_bucket: dict, key: list[str], interpreting: bool):
-    """Return ``launch(grid, head_dim, *args, **kwargs)`` running ``kernel`` with the bucket's
-    autotuned config on a GPU, or the fixed small interpreter config under TRITON_INTERPRET=1.
+    """Return ``launch(grid, head_dim, *args, **kwargs)`` running ``kernel`` with the head-dim
+    bucket's autotuned config on a GPU, or the fixed small interpreter config when ``kernel`` is
+    interpreted. ``key`` names the arguments the tuning is cached on; sequence lengths enter it
+    only as :func:`seqlen_bucket` values (the ``seqlen_bucket_q/k`` arguments).
 
     ``ALIGNER_AUTOTUNE=0`` skips autotuning and takes each bucket's first config (one compile
     per variant instead of one per config: quick test runs)."""
-    tuned = {
-        bucket: triton.autotune(configs=configs, key=key)(kernel)
-        for bucket, configs in configs_by_bucket.items()
-    }
+    tuned = (
+        {}
+        if interpreting
+        else {
+            bucket: triton.autotune(configs=configs, key=key)(kernel)
+            for bucket, configs in configs_by_bucket.items()
+        }
+    )
 
     def launch(grid, head_dim: int, *args, **kwargs):
         if interpreting:
-            return kernel[grid](*args, **kwargs, **INTERPRETER_CONFIG)
+            with language_restored():
+                return kernel[grid](*args, **kwargs, **INTERPRETER_CONFIG)
         bucket = head_dim_bucket(head_dim)
         if os.environ.get("ALIGNER_AUTOTUNE", "1") == "0":
             config = configs_by_bucket[bucket][0]
@@ -107,4 +138,10 @@ def launcher(kernel, configs_by_bucket: dict, key: list[str], interpreting: bool
             )
         return tuned[bucket][grid](*args, **kwargs)
 
+    launch.kernel, launch.key, launch.tuned = kernel, key, tuned  # for tests and inspection
     return launch
+
+
+def interpreter_scope(interpreting: bool):
+    """The context an untuned launch runs in: :func:`language_restored` when interpreted."""
+    return language_restored() if interpreting else contextlib.nullcontext()

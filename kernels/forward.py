@@ -19,14 +19,15 @@ import triton.language as tl
 from triton import knobs
 
 from . import configs
-from .configs import FORWARD_CONFIGS, block_d, block_p, dot_precision, launcher, prefix_variant
+from .configs import FORWARD_CONFIGS, block_d, block_p, dot_precision, launcher, prefix_variant, seqlen_bucket
 
 LOG2E = 1.4426950408889634
 # The PREFIX switch's values, as constants the jitted code can compare against.
 NO_PREFIX = tl.constexpr(configs.NO_PREFIX)
 ONE_TOKEN = tl.constexpr(configs.ONE_TOKEN)
 MANY_TOKENS = tl.constexpr(configs.MANY_TOKENS)
-# Whether the kernels below were decorated for the interpreter (fixed at import by TRITON_INTERPRET).
+# Whether the kernels below were decorated for the interpreter (this module's interpreted copy,
+# kernels/interpreted.py, or TRITON_INTERPRET=1 set by the user).
 INTERPRETING = knobs.runtime.interpret
 
 
@@ -168,13 +169,14 @@ def aligner_attention_fwd_kernel(
     stride_pvb,
     stride_pvn,
     stride_pvh,
+    stride_gb,
     stride_om,
     stride_oh,
     stride_lh,
     num_prefix,
     qk_scale,
-    max_seqlen_q,
-    max_seqlen_k,
+    seqlen_bucket_q,
+    seqlen_bucket_k,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -230,9 +232,9 @@ def aligner_attention_fwd_kernel(
     row_offset = head * stride_lh + q_start + offs_m
     if PREFIX == ONE_TOKEN:
         pv = tl.load(pv_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        out += tl.load(Gate + head) * pv.to(tl.float32)
+        out += tl.load(Gate + b * stride_gb + head) * pv.to(tl.float32)
     elif PREFIX == MANY_TOKENS:
-        gate = tl.load(Gate + head)
+        gate = tl.load(Gate + b * stride_gb + head)
         pk_ptrs = PK + b * stride_pkb + kv_head * stride_pkh + offs_d[None, :]
         out_prefix, lse_prefix = prefix_attention(
             q, pk_ptrs, pv_ptrs, stride_pkn, stride_pvn, offs_d, num_prefix, qk_scale,
@@ -261,10 +263,13 @@ def with_prefix_placeholders(prefix_k, prefix_v, gate, q):
     return prefix_k, prefix_v, gate, prefix_k.shape[1]
 
 
+# The prefix switches are not in the key: every prefix variant of a shape runs the main attention
+# with the same tiles, so a row with gate 0 gives the prefix-less kernel's bits (and a shape is
+# tuned once, not once per variant).
 _launch_forward = launcher(
     aligner_attention_fwd_kernel,
     FORWARD_CONFIGS,
-    key=["max_seqlen_q", "max_seqlen_k", "HEAD_DIM", "GROUP", "BLOCK_P", "CAUSAL", "PREFIX"],
+    key=["seqlen_bucket_q", "seqlen_bucket_k", "HEAD_DIM", "GROUP", "CAUSAL"],
     interpreting=INTERPRETING,
 )
 
@@ -285,8 +290,8 @@ def aligner_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the fused forward on packed tensors.
 
-    q (total_q, H, D), k/v (total_k, H_kv, D), prefix_k/v (B, N, H_kv, D) (a shared prefix is
-    passed expanded, batch stride 0) or None (no prefix), gate (H,) fp32 or None, cu_seqlens
+    q (total_q, H, D), k/v (total_k, H_kv, D), prefix_k/v (B, N, H_kv, D) and gate (B, H) fp32
+    (a shared prefix or gate is passed expanded, batch stride 0) or None (no prefix), cu_seqlens
     int32 (B + 1,). Last dims must be contiguous. Returns out (total_q, H, D), lse (H, total_q)
     fp32 (base 2) and lse_prefix (H, total_q) fp32 (empty unless N > 1).
     """
@@ -307,9 +312,9 @@ def aligner_attention_forward(
         q, k, v, prefix_k, prefix_v, gate, out, lse, lse_prefix, cu_seqlens_q, cu_seqlens_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
-        prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
+        prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2), gate.stride(0),
         out.stride(0), out.stride(1), lse.stride(0),
-        num_prefix, softmax_scale * LOG2E, max_seqlen_q, max_seqlen_k,
+        num_prefix, softmax_scale * LOG2E, seqlen_bucket(max_seqlen_q), seqlen_bucket(max_seqlen_k),
         GROUP=heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_P=block_p(num_prefix),
         CAUSAL=causal, PREFIX=variant, DOT_PRECISION=dot_precision(q.dtype),
     )  # fmt: skip

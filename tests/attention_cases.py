@@ -33,11 +33,13 @@ def make_inputs(
     head_dim=32,
     num_tokens=3,
     per_sequence=False,
+    gate_per_sequence=False,
     dtype=torch.float32,
     seed=0,
     seqlens=None,
 ):
-    """Random (q, k, v, prefix_k, prefix_v, gate) with gradients enabled.
+    """Random (q, k, v, prefix_k, prefix_v, gate) with gradients enabled; gate (heads,), or
+    (batch, heads) with ``gate_per_sequence``.
 
     With ``seqlens`` (a list of (len_q, len_k)) the tensors are packed and cu_seqlens are returned.
     """
@@ -57,7 +59,7 @@ def make_inputs(
         q = rand(total_q, heads, head_dim)
         k, v = rand(total_k, kv_heads, head_dim), rand(total_k, kv_heads, head_dim)
         cu = [
-            torch.tensor([0] + [s[i] for s in seqlens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            torch.tensor([0] + [s[i] for s in seqlens]).cumsum(0, dtype=torch.int32).to(DEVICE)
             for i in (0, 1)
         ]
         varlen = {"cu_seqlens_q": cu[0], "cu_seqlens_k": cu[1]}
@@ -65,7 +67,8 @@ def make_inputs(
         (batch, num_tokens, kv_heads, head_dim) if per_sequence else (num_tokens, kv_heads, head_dim)
     )
     prefix_k, prefix_v = rand(*prefix_shape), rand(*prefix_shape)
-    gate = torch.randn(heads, generator=gen).to(DEVICE).requires_grad_()
+    gate_shape = (batch, heads) if gate_per_sequence else (heads,)
+    gate = torch.randn(*gate_shape, generator=gen).to(DEVICE).requires_grad_()
     return (q, k, v, prefix_k, prefix_v, gate), varlen
 
 

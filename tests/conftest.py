@@ -1,12 +1,3 @@
-"""Run the Triton kernels through the interpreter when no GPU is present (CI, dev machines).
-
-Triton decides at import time whether kernels are compiled or interpreted, so this must happen
-before anything imports ``kernels``.
-"""
-
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+"""Shared test setup. Nothing here switches Triton to the interpreter: ``backend="triton"`` runs CPU
+tensors through an interpreted copy of the kernels and CUDA tensors through the compiled ones,
+side by side in one process (kernels/interpreted.py)."""

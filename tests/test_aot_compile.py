@@ -6,19 +6,19 @@ and a config that needs more shared memory than the device has fails only there,
 ``GPUTarget`` (no GPU or CUDA driver needed: Triton ships ptxas) and checks
 ``compiled.metadata.shared`` against the per-block limit, 163 KB on an A100 and 227 KB on an H100.
 
-Why a subprocess: tests/conftest.py sets TRITON_INTERPRET=1 on CPU-only machines before
-``kernels`` is imported, and ``@triton.jit`` then makes interpreted functions, which cannot be
-compiled (the choice is made once, at decoration). Instead of reloading Triton and the kernels in
-the test process, the test runs this same file as a script with TRITON_INTERPRET removed from
-the environment: the script imports the kernels as real JITFunctions, compiles the cases in a
-process pool (one process per available core) and prints a JSON record per case (shared bytes,
-seconds, or the compile error). It is one test, not one per kernel, so that pytest-xdist runs the
+Why a subprocess: the compiles run in a process pool (one process per available core) forked
+from a process that has compiled nothing yet, and with TRITON_INTERPRET removed from its
+environment, so the kernel modules are real JITFunctions even when the user runs the tests
+with TRITON_INTERPRET=1 (``@triton.jit`` then makes interpreted functions, which cannot be
+compiled). The script prints a JSON record per case (shared bytes, seconds, or the compile
+error). It is one test, not one per kernel, so that pytest-xdist runs the
 sweep once. Compiled kernels land in Triton's cache (TRITON_CACHE_DIR, default ~/.triton/cache):
 a rerun with unchanged kernels takes seconds.
 
-A case is a kernel (fwd, bwd_delta, bwd_dq, bwd_dkdv, bwd_prefix), a head dim of
-SUPPORTED_HEAD_DIMS, a config its launcher may pick for that head dim's bucket (bwd_prefix: its
-fixed BLOCK_M=PREFIX_BLOCK_M, BLOCK_N=16, 4 warps, 2 stages), a dtype (fp16, bf16), a target and
+A case is a kernel (fwd, bwd_delta, bwd_dq, bwd_dkdv, bwd_prefix, decode_split,
+decode_combine), a head dim of SUPPORTED_HEAD_DIMS, a config its launcher may pick for that head
+dim's bucket (bwd_prefix: its fixed BLOCK_M=PREFIX_BLOCK_M, BLOCK_N=16, 4 warps, 2 stages;
+decode_combine: BLOCK_M=DECODE_BLOCK_M, 4 warps, 1 stage), a dtype (fp16, bf16), a target and
 values of the compile-time switches, with DOT_PRECISION="tf32" and BLOCK_D=block_d(HEAD_DIM).
 Arguments are specialized like a real launch on 16-byte aligned tensors whose sizes and strides
 are multiples of 16 (``tt.divisibility=16`` on every pointer and integer). That is what lets the
@@ -54,7 +54,7 @@ import pytest
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 TARGETS = {80: "sm_80 (A100)", 90: "sm_90 (H100)"}
 DTYPES = ("fp16", "bf16")
-KERNELS = ("fwd", "bwd_delta", "bwd_dq", "bwd_dkdv", "bwd_prefix")
+KERNELS = ("fwd", "bwd_delta", "bwd_dq", "bwd_dkdv", "bwd_prefix", "decode_split", "decode_combine")
 # Prefix chunk sizes: block_p(N) for N <= 16 and for N >= 64 (the smallest and largest tiles).
 BLOCK_PS = (16, 64)
 GROUPS = (1, 4)
@@ -68,7 +68,7 @@ SUBPROCESS_TIMEOUT_S = {"cover": 1200, "full": 3600}
 
 
 def kernel_functions() -> dict:
-    from kernels import backward, forward
+    from kernels import backward, decode, forward
 
     return {
         "fwd": forward.aligner_attention_fwd_kernel,
@@ -76,6 +76,8 @@ def kernel_functions() -> dict:
         "bwd_dq": backward.aligner_attention_bwd_dq_kernel,
         "bwd_dkdv": backward.aligner_attention_bwd_dkdv_kernel,
         "bwd_prefix": backward.aligner_attention_bwd_prefix_kernel,
+        "decode_split": decode.aligner_attention_decode_split_kernel,
+        "decode_combine": decode.aligner_attention_decode_combine_kernel,
     }
 
 
@@ -85,8 +87,11 @@ def launch_configs(kernel: str, head_dim: int) -> list[tuple[int, int, int, int]
 
     if kernel == "bwd_prefix":  # not autotuned: see aligner_attention_backward
         return [(backward.PREFIX_BLOCK_M, 16, 4, 2)]
+    if kernel == "decode_combine":  # not autotuned (and has no BLOCK_N): see aligner_attention_decode
+        return [(configs.DECODE_BLOCK_M, None, 4, 1)]
     table = {
         "fwd": configs.FORWARD_CONFIGS,
+        "decode_split": configs.DECODE_CONFIGS,
         "bwd_delta": configs.ROWWISE_CONFIGS,
         "bwd_dq": configs.BACKWARD_DQ_CONFIGS,
         "bwd_dkdv": configs.BACKWARD_DKDV_CONFIGS,
@@ -203,7 +208,7 @@ def signature_and_attrs(fn, dtype: str) -> tuple[dict, dict]:
         elif name in ("qk_scale", "sm_scale"):
             signature[name] = "fp32"
             continue
-        elif name.startswith(("stride_", "num_", "max_seqlen_")) or name == "sequences_per_program":
+        elif name.startswith(("stride_", "num_", "seqlen_bucket_")) or name in INTEGER_ARGUMENTS:
             signature[name] = "i32"
         else:
             raise AssertionError(f"{fn.__name__}: no type rule for argument {name!r}")
@@ -211,6 +216,7 @@ def signature_and_attrs(fn, dtype: str) -> tuple[dict, dict]:
     return signature, attrs
 
 
+INTEGER_ARGUMENTS = ("sequences_per_program", "keys_per_split", "row_blocks")
 _FNS: dict = {}
 
 
@@ -230,7 +236,7 @@ def compile_case(case: dict) -> dict:
         "BLOCK_D": block_d(case["head_dim"]),
         "DOT_PRECISION": "tf32",
         "BLOCK_M": case["BLOCK_M"],
-        "BLOCK_N": case["BLOCK_N"],
+        **({"BLOCK_N": case["BLOCK_N"]} if case["BLOCK_N"] is not None else {}),
         **{k: case[k] for k in SWITCHES if k in case},
     }
     # A new constexpr needs a value here (and, if it is a switch, a place in switch_variants).
@@ -254,7 +260,7 @@ def compile_case(case: dict) -> dict:
 
 def _cost(case: dict) -> tuple:
     # Longest first, so the pool ends with short compiles.
-    return (-case["head_dim"], -case["BLOCK_M"] * case["BLOCK_N"], case["kernel"])
+    return (-case["head_dim"], -case["BLOCK_M"] * (case["BLOCK_N"] or 16), case["kernel"])
 
 
 def run_sweep(sweep: str, jobs: int) -> list[dict]:

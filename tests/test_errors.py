@@ -1,9 +1,9 @@
 """Bad input to :func:`aligner.aligner_attention` gives a clear error naming the argument; odd but
 valid input (non-contiguous views, an fp32 gate with half-precision q) just works.
 
-The Triton cases run under the Triton interpreter on CPU (tests/conftest.py), on tiny shapes; on
-a GPU machine ``call`` moves their inputs to the GPU with their strides kept and brings the
-result back, so every test stays on CPU tensors.
+The Triton cases run under the Triton interpreter on CPU, on tiny shapes; on a GPU machine
+(``ALIGNER_TEST_DEVICE=cuda``) ``call`` and the non-contiguous cases move their inputs to the GPU
+with their strides kept, so the compiled kernels read the same strided views.
 """
 
 from __future__ import annotations
@@ -224,6 +224,27 @@ BAD_INPUTS = [
     ),
     case("scalar gate", batched, {"gate": torch.tensor(0.0)}, ValueError, r"gate must have shape"),
     case(
+        "per-sequence gate with wrong batch",
+        batched,
+        {"gate": torch.zeros(B + 1, H)},
+        ValueError,
+        r"gate must have shape \(heads,\) = \(4,\) .* or \(batch, heads\) = \(2, 4\)",
+    ),
+    case(
+        "per-sequence gate of kv heads",
+        batched,
+        {"gate": torch.zeros(B, H_KV)},
+        ValueError,
+        r"gate must have shape .*\(batch, heads\) = \(2, 4\)",
+    ),
+    case(
+        "per-sequence gate with wrong batch, packed",
+        packed,
+        {"gate": torch.zeros(3, H)},
+        ValueError,
+        r"\(batch, heads\) = \(2, 4\) one row per sequence, got \(3, 4\)",
+    ),
+    case(
         "integer gate",
         batched,
         {"gate": torch.zeros(H, dtype=torch.int64)},
@@ -424,6 +445,21 @@ def test_bad_input_names_the_argument(base, overrides, error, match):
         call(base(), **overrides)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_per_sequence_gate_is_accepted(backend):
+    """A (batch, heads) gate: one row per sequence, padded and packed; dgate has the gate's shape."""
+    for base in (batched, packed):
+        args = base()
+        args["gate"] = torch.randn(B, H, generator=torch.Generator().manual_seed(5)).requires_grad_()
+        if backend == "triton":
+            args = {name: _to_test_device(x) for name, x in args.items()}
+            args["gate"] = args["gate"].detach().requires_grad_()
+        out = call(args, backend=backend)
+        assert out.shape == args["q"].shape
+        (dgate,) = torch.autograd.grad(out.sum(), args["gate"])
+        assert dgate.shape == (B, H)
+
+
 def test_causal_false_allows_l_q_greater_than_l_k():
     assert call(batched(len_q=L + 2), causal=False).shape == (B, L + 2, H, D)
 
@@ -505,13 +541,18 @@ def _cu(lengths):
     return cu(0, *torch.tensor(lengths).cumsum(0).tolist())
 
 
+def _for_backend(tensors, backend):
+    """The Triton cases run on the test device (strides kept); the reference stays on the CPU."""
+    return tuple(_to_test_device(x) for x in tensors) if backend == "triton" else tensors
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("num_prefix", [1, 3])
 @pytest.mark.parametrize("per_sequence", [False, True], ids=["shared", "per_seq"])
 def test_noncontiguous_batched(backend, num_prefix, per_sequence):
     views, contiguous = _noncontiguous_batched(2, 20, 4, 2, 32, num_prefix, per_sequence)
-    out = aligner_attention(*views, backend=backend)
-    want = aligner_attention(*contiguous, backend=backend)
+    out = aligner_attention(*_for_backend(views, backend), backend=backend).cpu()
+    want = aligner_attention(*_for_backend(contiguous, backend), backend=backend).cpu()
     assert out.shape == views[0].shape
     torch.testing.assert_close(out, want, **SAME_VALUES[backend])
     if backend == "triton":  # and it agrees with the reference
@@ -525,11 +566,15 @@ def test_noncontiguous_batched(backend, num_prefix, per_sequence):
 def test_noncontiguous_packed(backend, causal):
     len_q, len_k = [5, 17, 1], [9, 17, 6]
     views, contiguous = _noncontiguous_packed(len_q, len_k, 4, 2, 64, 3)
-    kwargs = {"causal": causal, "cu_seqlens_q": _cu(len_q), "cu_seqlens_k": _cu(len_k), "backend": backend}
-    out = aligner_attention(*views, **kwargs)
-    torch.testing.assert_close(out, aligner_attention(*contiguous, **kwargs), **SAME_VALUES[backend])
+    cu_seqlens = dict(zip(("cu_seqlens_q", "cu_seqlens_k"), _for_backend((_cu(len_q), _cu(len_k)), backend)))
+    kwargs = {"causal": causal, **cu_seqlens, "backend": backend}
+    out = aligner_attention(*_for_backend(views, backend), **kwargs).cpu()
+    want = aligner_attention(*_for_backend(contiguous, backend), **kwargs).cpu()
+    torch.testing.assert_close(out, want, **SAME_VALUES[backend])
     if backend == "triton":
-        ref = aligner_attention(*contiguous, **{**kwargs, "backend": "reference"})
+        ref = aligner_attention(
+            *contiguous, causal=causal, cu_seqlens_q=_cu(len_q), cu_seqlens_k=_cu(len_k), backend="reference"
+        )
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -540,11 +585,11 @@ def test_noncontiguous_triton_backward():
     # a non-contiguous upstream gradient as well
     dout = torch.randn(2, 4, 20, 32, generator=torch.Generator().manual_seed(3)).transpose(1, 2)
     for backend in ("triton", "reference"):
-        leaves = tuple(x.detach().requires_grad_() for x in views)
+        leaves = tuple(x.detach().requires_grad_() for x in _for_backend(views, backend))
         out = aligner_attention(*leaves, backend=backend)
-        grads[backend] = torch.autograd.grad(out, leaves, dout)
+        grads[backend] = torch.autograd.grad(out, leaves, *_for_backend((dout,), backend))
     for got, want in zip(grads["triton"], grads["reference"]):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -43,6 +43,13 @@ CASES = {
         dtype=torch.float16, seqlens=[(9, 20), (30, 30)], num_tokens=3, per_sequence=True
     ),
     "custom-scale": dict(num_tokens=4, softmax_scale=0.3),
+    "gate-per-sequence-n4": dict(num_tokens=4, gate_per_sequence=True, batch=3, seqlen_q=17),
+    "gate-per-sequence-n1-per-sequence-prefix": dict(
+        num_tokens=1, gate_per_sequence=True, per_sequence=True, batch=3, seqlen_q=17
+    ),
+    "varlen-gate-per-sequence-n3": dict(
+        seqlens=[(3, 20), (17, 17), (1, 5)], num_tokens=3, gate_per_sequence=True
+    ),
     "bf16-gqa-n10": pytest.param(
         dict(dtype=torch.bfloat16, num_tokens=10, seqlen_q=40), marks=requires_gpu_for_bf16
     ),
@@ -120,18 +127,54 @@ def test_zero_gate_is_plain_attention_exactly():
     torch.testing.assert_close(out_a, plain, atol=1e-5, rtol=1e-5)
 
 
-def test_per_sequence_prefix_equals_each_sequence_alone():
-    inputs, _ = make_inputs(batch=3, num_tokens=4, per_sequence=True, seqlen_q=18)
+@pytest.mark.parametrize("gate_per_sequence", [False, True], ids=["shared_gate", "per_seq_gate"])
+def test_per_sequence_prefix_equals_each_sequence_alone(gate_per_sequence):
+    inputs, _ = make_inputs(
+        batch=3, num_tokens=4, per_sequence=True, gate_per_sequence=gate_per_sequence, seqlen_q=17, heads=2,
+        kv_heads=1,
+    )  # fmt: skip
     dout = torch.randn(inputs[0].shape, device=DEVICE)
     out, grads = forward_backward(inputs, dout)
     q, k, v, pk, pv, gate = inputs
     for b in range(3):
         alone = [x[b : b + 1].detach().requires_grad_() for x in (q, k, v)]
         prefix = [x[b].detach().requires_grad_() for x in (pk, pv)]
-        out_b, grads_b = forward_backward((*alone, *prefix, gate), dout[b : b + 1])
+        gate_b = gate[b].detach().requires_grad_() if gate_per_sequence else gate
+        out_b, grads_b = forward_backward((*alone, *prefix, gate_b), dout[b : b + 1])
         torch.testing.assert_close(out[b : b + 1], out_b, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(grads[3][b], grads_b[3], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(grads[4][b], grads_b[4], atol=1e-4, rtol=1e-4)
+        if gate_per_sequence:  # dgate (B, H): row b is sequence b's own dgate
+            torch.testing.assert_close(grads[5][b], grads_b[5], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 5])
+def test_zero_gate_row_is_plain_attention_exactly(num_tokens):
+    """A row without an Aligner (gate row 0) in a batch of per-sequence Aligners: its output and
+    its dq, dk, dv are the prefix-less kernels' bits."""
+    inputs, _ = make_inputs(
+        batch=3,
+        seqlen_q=17,
+        heads=2,
+        kv_heads=1,
+        num_tokens=num_tokens,
+        per_sequence=True,
+        gate_per_sequence=True,
+    )
+    q, k, v, pk, pv, gate = inputs
+    with torch.no_grad():
+        gate[1] = 0.0
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    out, grads = forward_backward(inputs, dout)
+    plain_out, plain_grads = forward_backward((q, k, v), dout)
+    assert torch.equal(out[1], plain_out[1])
+    for grad, plain in zip(grads[:3], plain_grads):
+        assert torch.equal(grad[1], plain[1])
+    assert not torch.equal(out[0], plain_out[0])
+    with torch.no_grad():  # the split-KV decode forward too
+        step = aligner_attention(q[:, -1:], k, v, pk, pv, gate, backend="triton")
+        plain_step = aligner_attention(q[:, -1:], k, v, backend="triton")
+    assert torch.equal(step[1], plain_step[1])
 
 
 def test_varlen_equals_padded_batch():
@@ -162,6 +205,34 @@ def test_decoding_matches_full_recompute():
         torch.testing.assert_close(step[:, 0], full[:, t - 1], atol=1e-5, rtol=1e-5)
 
 
+def test_autotune_keys_settle():
+    """The autotuners see sequence lengths only as power-of-two buckets: a 2,000-step decode loop
+    and 1,000 distinct training lengths give a handful of keys per kernel variant."""
+    import random
+
+    from kernels import backward, configs, decode, forward
+
+    launchers = [forward._launch_forward, decode._launch_split, backward._launch_delta, backward._launch_dq]
+    launchers.append(backward._launch_dkdv)
+    for launch in launchers:  # no raw length is part of any key
+        params = launch.kernel.arg_names
+        assert all(name in params for name in launch.key)
+        assert not any(name.startswith("max_seqlen") for name in params)
+        assert {name for name in launch.key if "seqlen" in name} <= {"seqlen_bucket_q", "seqlen_bucket_k"}
+
+    def keys(lengths):
+        return {(configs.seqlen_bucket(len_q), configs.seqlen_bucket(len_k)) for len_q, len_k in lengths}
+
+    prompt = 100
+    decode_steps = [(1, prompt + step) for step in range(1, 2001)]
+    assert len({len_k for _, len_k in decode_steps}) == 2000
+    assert len(keys(decode_steps)) == 6  # L_k 101..2100: buckets 128, 256, 512, 1024, 2048, 4096
+    training = random.Random(0).sample(range(1, 8193), 1000)
+    assert len(keys((n, n) for n in training)) <= 14  # 1..8192: at most 14 powers of two
+    # Every length of a bucket shares its key with the bucket's longest.
+    assert all(configs.seqlen_bucket(n) == 2048 for n in range(1025, 2049))
+
+
 @pytest.mark.parametrize("num_tokens", [1, 7])
 def test_backward_is_deterministic(num_tokens):
     inputs, varlen = make_inputs(seqlens=[(30, 30), (21, 21)], num_tokens=num_tokens, heads=4, kv_heads=1)
@@ -180,8 +251,11 @@ def test_backward_is_deterministic(num_tokens):
     num_tokens=st.integers(1, 80),
     causal=st.booleans(),
     per_sequence=st.booleans(),
+    gate_per_sequence=st.booleans(),
 )
-def test_kernel_property(data, group, kv_heads, head_dim, num_tokens, causal, per_sequence):
+def test_kernel_property(
+    data, group, kv_heads, head_dim, num_tokens, causal, per_sequence, gate_per_sequence
+):
     """Random shapes and N, packed with random lengths (L_q <= L_k), against the reference."""
     batch = data.draw(st.integers(1, 3), label="batch")
     seqlens = []
@@ -195,6 +269,7 @@ def test_kernel_property(data, group, kv_heads, head_dim, num_tokens, causal, pe
         head_dim=head_dim,
         num_tokens=num_tokens,
         per_sequence=per_sequence,
+        gate_per_sequence=gate_per_sequence,
         seed=data.draw(st.integers(0, 2**16), label="seed"),
     )
     check_against_reference(inputs, causal=causal, **varlen)

@@ -29,10 +29,12 @@ def make_inputs(
     head_dim=16,
     num_prefix=3,
     per_sequence=False,
+    gate_per_sequence=False,
     dtype=torch.float32,
     seed=0,
 ):
     len_k = len_q if len_k is None else len_k
+    gate_shape = (batch, heads) if gate_per_sequence else (heads,)
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -47,7 +49,7 @@ def make_inputs(
         randn(batch, len_k, kv_heads, head_dim),
         randn(*prefix_shape),
         randn(*prefix_shape),
-        randn(heads).float() if dtype != torch.float64 else randn(heads),
+        randn(*gate_shape).float() if dtype != torch.float64 else randn(*gate_shape),
     )
 
 
@@ -72,7 +74,8 @@ def unfused(q, k, v, prefix_k, prefix_v, gate, *, causal=True, softmax_scale=Non
     pk, pv = (x[:, :, kv_head_of].transpose(1, 2) for x in (pk, pv))
     probs = torch.softmax(scale * qh @ pk.transpose(-1, -2), dim=-1)
     out_prefix = probs @ pv
-    out = out_main + gate.to(out_main.dtype)[None, :, None, None] * out_prefix
+    gate = gate if gate.dim() == 2 else gate[None]  # (1 or B, heads)
+    out = out_main + gate.to(out_main.dtype)[:, :, None, None] * out_prefix
     return out.transpose(1, 2)
 
 
@@ -149,6 +152,49 @@ def test_public_op_reference_backend_is_the_reference():
     torch.testing.assert_close(
         aligner_attention(*inputs, backend="reference"), aligner_attention_reference(*inputs), rtol=0, atol=0
     )
+
+
+# --- per-sequence gates (B, H) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_prefix", [1, 3])
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["shared_prefix", "per_seq_prefix"])
+def test_per_sequence_gate_matches_unfused(num_prefix, per_sequence):
+    inputs = make_inputs(
+        batch=3, len_q=4, len_k=9, num_prefix=num_prefix, per_sequence=per_sequence, gate_per_sequence=True
+    )
+    torch.testing.assert_close(aligner_attention_reference(*inputs), unfused(*inputs), **F32)
+
+
+def test_per_sequence_gate_row_equals_that_row_alone():
+    q, k, v, pk, pv, gate = make_inputs(batch=3, num_prefix=3, per_sequence=True, gate_per_sequence=True)
+    out = aligner_attention_reference(q, k, v, pk, pv, gate)
+    packed = aligner_attention_reference(
+        *pack(q, k, v), pk, pv, gate, cu_seqlens_q=cu_seqlens([7] * 3), cu_seqlens_k=cu_seqlens([7] * 3)
+    )
+    for b in range(3):
+        alone = aligner_attention_reference(q[b : b + 1], k[b : b + 1], v[b : b + 1], pk[b], pv[b], gate[b])
+        torch.testing.assert_close(out[b : b + 1], alone, **F32)
+        torch.testing.assert_close(packed[7 * b : 7 * b + 7], alone[0], **F32)
+
+
+@pytest.mark.parametrize("num_prefix", [1, 3])
+def test_zero_gate_row_is_plain_attention_exactly(num_prefix):
+    """A sequence without an Aligner in a batch of Aligners (gate row 0): the base model's bits."""
+    q, k, v, pk, pv, gate = make_inputs(batch=3, num_prefix=num_prefix, gate_per_sequence=True)
+    gate[1] = 0.0
+    out = aligner_attention_reference(q, k, v, pk, pv, gate)
+    plain = aligner_attention_reference(q, k, v)
+    assert torch.equal(out[1], plain[1])
+    assert not torch.equal(out[0], plain[0])
+
+
+def test_gradcheck_per_sequence_gate():
+    inputs = make_inputs(
+        batch=2, len_q=3, len_k=4, heads=2, kv_heads=1, head_dim=4, num_prefix=2, gate_per_sequence=True,
+        dtype=torch.float64,
+    )  # fmt: skip
+    assert torch.autograd.gradcheck(aligner_attention_reference, _require_grad(inputs))
 
 
 # --- gradients -----------------------------------------------------------------------------
