@@ -119,7 +119,11 @@ def _check_prefix(prefix_k, prefix_v, gate, batch: int, heads: int, kv_heads: in
             prefix_k.shape[0] == batch,
             f"per-sequence prefix_k has batch {prefix_k.shape[0]}, expected {batch}",
         )
-    _require(gate.shape == (heads,), f"gate must have shape (heads,) = ({heads},), got {_shape(gate)}")
+    _require(
+        gate.shape in ((heads,), (batch, heads)),
+        f"gate must have shape (heads,) = ({heads},) or per sequence (batch, heads) = ({batch}, {heads}), "
+        f"got {_shape(gate)}",
+    )
 
 
 def _check_softmax_scale(softmax_scale) -> None:

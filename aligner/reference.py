@@ -44,7 +44,7 @@ def _batched(q, k, v, prefix_k, prefix_v, gate, causal: bool, scale: float) -> T
         prefix_out = pv.repeat_interleave(q.shape[1] // pv.shape[1], dim=1) + 0.0 * pk.sum()
     else:  # separate softmax over the N prefix tokens, visible to every query (no mask)
         prefix_out = F.scaled_dot_product_attention(q, pk, pv, scale=scale, enable_gqa=True)
-    out = torch.addcmul(out, gate.to(out.dtype)[:, None, None], prefix_out)
+    out = torch.addcmul(out, gate.to(out.dtype)[..., None, None], prefix_out)  # (H,) or per row (B, H)
     return out.transpose(1, 2)
 
 
@@ -65,8 +65,8 @@ def aligner_attention_reference(
 
     Same shapes as :func:`aligner.aligner_attention`: q (B, L_q, H, D) and k/v (B, L_k, H_kv, D),
     or packed q (total_q, H, D) and k/v (total_k, H_kv, D) with ``cu_seqlens_q/k``; prefix_k/v
-    (N, H_kv, D) shared or (B, N, H_kv, D) per sequence; gate (H,). With prefix_k, prefix_v and
-    gate None it is plain (flash) attention. Returns q's shape and dtype.
+    (N, H_kv, D) shared or (B, N, H_kv, D) per sequence; gate (H,) shared or (B, H) per sequence.
+    With prefix_k, prefix_v and gate None it is plain (flash) attention. Returns q's shape and dtype.
     Inputs are assumed valid (the public op checks them).
     """
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
@@ -77,6 +77,7 @@ def aligner_attention_reference(
     outs = []
     for b, (q0, q1, k0, k1) in enumerate(zip(bounds_q, bounds_q[1:], bounds_k, bounds_k[1:])):
         prefix = [p[b : b + 1] if per_sequence else p for p in (prefix_k, prefix_v)]
-        one = _batched(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], *prefix, gate, causal, scale)
+        row_gate = gate[b : b + 1] if gate is not None and gate.dim() == 2 else gate
+        one = _batched(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], *prefix, row_gate, causal, scale)
         outs.append(one[0])
     return torch.cat(outs).to(q.dtype)
