@@ -124,13 +124,13 @@ class AlignerBank:
         return self._lookup
 
     def index(self, name: str) -> int:
-        """The bank index of ``name``; KeyError naming a few known names if it is absent."""
+        """The bank index of ``name``; a ValueError naming a few known names if it is absent."""
         try:
             return self._index()[name]
         except KeyError:
             known = ", ".join(repr(n) for n in self._names[:5])
             more = ", ..." if len(self) > 5 else ""
-            raise KeyError(
+            raise ValueError(
                 f"no Aligner named {name!r} in the bank ({len(self)} Aligners: {known}{more})"
             ) from None
 

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .bank_cli import add_bank_commands, add_bank_option, apply_bank, bank_index, cmd_bank, with_aligner_names
+
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -163,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_arguments(chat)
     _generation_arguments(chat)
+    add_bank_option(gen)  # bank: aligner/bank_cli.py
+    add_bank_option(chat)
+    add_bank_commands(commands)
 
     merge = commands.add_parser(
         "merge",
@@ -297,7 +302,9 @@ def _with_aligner(args: argparse.Namespace) -> tuple[Any, Any]:
     from . import load
 
     model, tokenizer = _load(args)
-    if args.aligner:
+    if args.bank:  # --aligner names an Aligner in the bank
+        apply_bank(model, args)
+    elif args.aligner:
         load(model, args.aligner)
     return model, tokenizer
 
@@ -311,6 +318,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not prompts:
         raise ValueError("nothing to answer: give --prompt TEXT (repeatable) or --data FILE")
     model, tokenizer = _with_aligner(args)
+    index = bank_index(model, args) if args.bank else None  # one Aligner per row
     system = [{"role": "system", "content": args.system}] if args.system else []
     answers = generate(
         model,
@@ -319,8 +327,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         temperature=args.temperature,
+        aligner_index=index,
     )
     rows = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]
+    if index is not None:
+        rows = with_aligner_names(model, index, rows)
     for row in rows:
         print(json.dumps(row, ensure_ascii=False))
     if args.output:
@@ -472,6 +483,7 @@ COMMANDS = {
     "merge": cmd_merge,
     "convert": cmd_convert,
     "info": cmd_info,
+    "bank": cmd_bank,
 }
 
 

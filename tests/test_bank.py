@@ -213,7 +213,7 @@ def test_bank_errors(setup1, tmp_path):
         mixed(ids, attention_mask=mask, aligner_index=torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="1-D int64 tensor"):
         mixed(ids, attention_mask=mask, aligner_index=torch.tensor([0.0, 1.0]))
-    with pytest.raises(KeyError, match="no Aligner named 'nope'"):
+    with pytest.raises(ValueError, match="no Aligner named 'nope'"):
         bank.indices(["nope"])
     plain = aligner.patch(copy.deepcopy(model), num_tokens=bank.num_tokens, start_layer=1)
     with pytest.raises(ValueError, match="needs a bank on the model"):
@@ -260,3 +260,66 @@ def test_bank_errors(setup1, tmp_path):
         nan.select(torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="bank tokens has shape"):
         AlignerBank(bank.tokens[:2], bank.gates, bank.names, bank.config)
+
+
+def test_bank_command_line(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("datasets", reason="needs the train extra: pip install -e '.[train]'")
+    import io
+    import json
+    import sys
+
+    from test_training import save_tiny_model, write_jsonl
+    from transformers import AutoModelForCausalLM
+
+    from aligner.cli import main
+
+    def run(*argv):
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    dirs = save_random_aligners(base, tmp_path, 3, num_tokens=1)
+    bank = tmp_path / "bank.safetensors"
+    assert run("bank", "build", bank, dirs[0], dirs[1], "--name", "json", "--name", "caps")[0] == 0
+    code, _, err = run("bank", "build", bank, dirs[0])
+    assert code != 0 and "exists; pass --overwrite" in err
+    assert run("bank", "add", bank, dirs[2], "--name", "answer")[0] == 0
+    assert run("bank", "add", bank, dirs[2], "--name", "spare")[0] == 0
+    assert run("bank", "remove", bank, "spare")[0] == 0
+    code, out, _ = run("bank", "list", bank, "--json")
+    assert code == 0 and json.loads(out)["names"] == ["json", "caps", "answer"]
+    code, _, err = run("bank", "remove", bank, "nope")
+    assert code != 0 and "no Aligner named 'nope'" in err
+
+    rows = [
+        {"prompt": "name a color", "aligner": "caps"},
+        {"prompt": "what do bees make", "aligner": None},
+        {"prompt": "name a color", "aligner": "answer"},
+        {"prompt": "hello", "aligner": "json"},
+    ]
+    data = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    code, out, err = run("generate", model_dir, "--bank", bank, "--data", data, "--max-new-tokens", 4)
+    assert code == 0, err
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert [a["aligner"] for a in answers] == ["caps", None, "answer", "json"]
+    for row, answer, directory in zip(rows[:2], answers, [dirs[1], None]):
+        alone_args = [] if directory is None else ["--aligner", directory]
+        code, out, err = run(
+            "generate", model_dir, *alone_args, "--prompt", row["prompt"], "--max-new-tokens", 4
+        )
+        assert code == 0, err
+        assert json.loads(out)["answer"] == answer["answer"]  # a mixed batch answers like each alone
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "hi", "aligner": "missing"}])
+    code, _, err = run("generate", model_dir, "--bank", bank, "--data", bad)
+    assert code != 0 and "no Aligner named 'missing'" in err
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("name a color\n/exit\n"))
+    code, out, err = run("chat", model_dir, "--bank", bank, "--aligner", "caps", "--max-new-tokens", 4)
+    assert code == 0, err
+    code2, out2, _ = run(
+        "generate", model_dir, "--aligner", dirs[1], "--prompt", "name a color", "--max-new-tokens", 4
+    )
+    assert out.strip() == json.loads(out2)["answer"]

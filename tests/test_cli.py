@@ -48,7 +48,8 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 def test_every_subcommand_has_help(capsys):
     commands = build_parser()._subparsers._group_actions[0].choices
-    assert set(commands) == {"train", "dpo", "distill", "generate", "chat", "merge", "convert", "info"}
+    expected = {"train", "dpo", "distill", "generate", "chat", "merge", "convert", "info", "bank"}
+    assert set(commands) == expected
     for command in commands:
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
