@@ -4,6 +4,7 @@ model bit for bit, the bank file round-trips, and bad input gets a clear error."
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import pytest
@@ -265,7 +266,6 @@ def test_bank_errors(setup1, tmp_path):
 def test_bank_command_line(tmp_path, capsys, monkeypatch):
     pytest.importorskip("datasets", reason="needs the train extra: pip install -e '.[train]'")
     import io
-    import json
     import sys
 
     from test_training import save_tiny_model, write_jsonl
@@ -323,3 +323,42 @@ def test_bank_command_line(tmp_path, capsys, monkeypatch):
         "generate", model_dir, "--aligner", dirs[1], "--prompt", "name a color", "--max-new-tokens", 4
     )
     assert out.strip() == json.loads(out2)["answer"]
+
+
+def test_bank_demo_toy_size(tmp_path, capsys):
+    """The bank demo end to end on a tiny random model: three Aligners trained, a bank with random
+    ones, one mixed batch printed with its form checks, metrics written. (Forms are not learnt at
+    this size; `make bank-demo` on SmolLM2 is the real run.)"""
+    pytest.importorskip("datasets", reason="needs the train extra: pip install -e '.[train]'")
+    from test_training import save_tiny_model
+
+    from aligner import bank_demo
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    argv = ["--model", model_dir, "--output-dir", tmp_path / "out", "--random-aligners", 50, "--steps", 1,
+            "--limit", 3, "--answer-tokens", 4, "--reply-tokens", 4, "--min-compliance", 0]  # fmt: skip
+    assert bank_demo.main([str(a) for a in argv]) == 0
+    out = capsys.readouterr().out
+    assert "one batch of 3 held-out prompts" in out
+    for form in ("json", "caps", "prefix"):
+        assert f"[{form:>6} " in out
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["bank_aligners"] == 53
+    assert [row["aligner"] for row in metrics["one_batch"]] == ["json", "caps", "prefix"]
+    assert set(metrics["compliance"]) >= {"json", "caps", "prefix"}
+    assert AlignerBank.load(tmp_path / "out" / "bank.safetensors").names[:3] == ["json", "caps", "prefix"]
+
+
+def test_bench_bank_smoke(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import bench_bank
+
+    argv = ["--results-dir", tmp_path, "--device", "cpu", "--dtype", "float32", "--model", "tiny",
+            "--layers", 3, "--bank-size", 300, "--prompts", 3, "--prompt-length", 4, "--new-tokens", 2, "--rounds", 1,
+            "--bank-file", tmp_path / "bank.safetensors"]  # fmt: skip
+    rows = bench_bank.main([str(a) for a in argv])
+    assert [row["method"] for row in rows] == ["base", "bank", "bank memory"]
+    assert rows[2]["bank_raw_mb"] > 0 and rows[1]["tokens_per_s"] > 0
