@@ -357,8 +357,8 @@ def test_bench_bank_smoke(tmp_path):
     import bench_bank
 
     argv = ["--results-dir", tmp_path, "--device", "cpu", "--dtype", "float32", "--model", "tiny",
-            "--layers", 3, "--bank-size", 300, "--prompts", 3, "--prompt-length", 4, "--new-tokens", 2, "--rounds", 1,
-            "--bank-file", tmp_path / "bank.safetensors"]  # fmt: skip
+            "--layers", 3, "--bank-size", 300, "--prompts", 3, "--prompt-length", 4, "--new-tokens", 2,
+            "--rounds", 1, "--bank-file", tmp_path / "bank.safetensors"]  # fmt: skip
     rows = bench_bank.main([str(a) for a in argv])
     assert [row["method"] for row in rows] == ["base", "bank", "bank memory"]
     assert rows[2]["bank_raw_mb"] > 0 and rows[1]["tokens_per_s"] > 0
