@@ -302,7 +302,7 @@ def _with_aligner(args: argparse.Namespace) -> tuple[Any, Any]:
     from . import load
 
     model, tokenizer = _load(args)
-    if args.bank:  # --aligner names an Aligner in the bank
+    if getattr(args, "bank", None):  # generate / chat --bank: --aligner names an Aligner in it
         apply_bank(model, args)
     elif args.aligner:
         load(model, args.aligner)
