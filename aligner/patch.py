@@ -102,8 +102,9 @@ def _packed_sequences(position_ids: Tensor) -> tuple[Tensor, int]:
     return cu_seqlens, int(cu_seqlens.diff().max())
 
 
-def _is_packed(position_ids: Tensor | None, batch: int, length: int) -> bool:
-    if position_ids is None or batch != 1 or length == 1:
+def _is_packed(position_ids: Tensor | None) -> bool:
+    """Whether the positions of a (1, L) batch restart somewhere: several sequences packed in one row."""
+    if position_ids is None:
         return False
     positions = position_ids.flatten()
     return bool((positions[1:] != positions[:-1] + 1).any())
@@ -127,10 +128,14 @@ def _main_attention(module, query, key, value, attention_mask, scaling, state: A
         function, mask = ALL_ATTENTION_FUNCTIONS[implementation], attention_mask  # takes the 2D mask
     else:  # sdpa; eager and others get SDPA, the same math
         len_q, len_k = query.shape[2], key.shape[2]
-        mask = state.memo.get(
-            "dense_mask",
-            (attention_mask, len_q, len_k, query.device),
-            lambda: _dense_mask(attention_mask, len_q, len_k, query.device),
+        mask = (
+            None
+            if attention_mask is None and len_q == 1
+            else state.memo.get(
+                "dense_mask",
+                (attention_mask, len_q, len_k, query.device),
+                lambda: _dense_mask(attention_mask, len_q, len_k, query.device),
+            )
         )
         function = ALL_ATTENTION_FUNCTIONS["sdpa"]
     return function(module, query, key, value, mask, dropout=0.0, scaling=scaling)[0]
@@ -237,8 +242,11 @@ def aligner_attention_hf(
     packed = None
     if cu_seq_lens_q is not None and cu_seq_lens_k is not None:  # padding-free collators' flash kwargs
         packed = (cu_seq_lens_q.to(torch.int32), cu_seq_lens_k.to(torch.int32), max_length_q, max_length_k)
-    elif attention_mask is None and state.memo.get(
-        "is_packed", (position_ids, batch, len_q), lambda: _is_packed(position_ids, batch, len_q)
+    elif (
+        attention_mask is None
+        and batch == 1
+        and len_q > 1
+        and state.memo.get("is_packed", (position_ids,), lambda: _is_packed(position_ids))
     ):  # padding-free batch: positions restart per sequence
         cu_seqlens, max_len = state.memo.get(
             "cu_seqlens", (position_ids,), lambda: _packed_sequences(position_ids)
