@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: test venv lint demo
+.PHONY: test venv lint demo bank-demo
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,8 @@ $(VENV)/.demo-installed: $(VENV)/.installed setup.py
 
 demo: $(VENV)/.demo-installed
 	$(PY) -m aligner.demo --output-dir demo-output
+
+# `make bank-demo`: three 1-token Aligners (JSON object, ALL CAPS, "Answer:" prefix) in a bank with
+# 100,000 random ones; one batch of unseen kinds of prompts, a different Aligner per row.
+bank-demo: $(VENV)/.demo-installed
+	$(PY) -m aligner.bank_demo --output-dir bank-demo-output

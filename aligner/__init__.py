@@ -2,6 +2,7 @@
 fused flash-attention prefix."""
 
 from .attention import aligner_attention
+from .bank import AlignerBank, attach_bank, detach_bank
 from .modules import AlignerFlashAttention, AlignerPrefix, project_prefix
 from .patch import (
     aligner_parameters,
@@ -17,12 +18,15 @@ from .reference import aligner_attention_reference
 from .serialization import aligner_parameter_count, convert_official, load, read_config, save
 
 __all__ = [
+    "AlignerBank",
     "AlignerFlashAttention",
     "AlignerPrefix",
     "aligner_attention",
     "aligner_attention_reference",
     "aligner_parameter_count",
     "aligner_parameters",
+    "attach_bank",
+    "detach_bank",
     "convert_official",
     "disabled",
     "load",

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from .bank_cli import add_bank_commands, add_bank_option, apply_bank, bank_index, cmd_bank, with_aligner_names
 from .options import OptionError, cli_flag
 
 EXIT_ERROR = 2
@@ -188,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(chat)
     _generation_arguments(chat)
     chat.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars at all")
+    add_bank_option(gen)  # bank: aligner/bank_cli.py
+    add_bank_option(chat)
+    add_bank_commands(commands)
 
     merge = _command(
         commands,
@@ -465,9 +469,12 @@ def cmd_distill(args: argparse.Namespace, console: Console) -> None:
 def _with_aligner(args: argparse.Namespace) -> tuple[Any, Any]:
     from . import load
 
-    _check_model(args, args.aligner)
+    # with --bank, --aligner names an Aligner inside the bank, not a directory
+    _check_model(args, None if getattr(args, "bank", None) else args.aligner)
     model, tokenizer = _load(args)
-    if args.aligner:
+    if getattr(args, "bank", None):  # generate / chat --bank: --aligner names an Aligner in it
+        apply_bank(model, args)
+    elif args.aligner:
         load(model, args.aligner)
     return model, tokenizer
 
@@ -485,6 +492,7 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> None:
     if args.output and Path(args.output).exists() and not args.overwrite:
         raise FileExistsError(f"--output {args.output} exists; pass --overwrite to replace it")
     model, tokenizer = _with_aligner(args)
+    index = bank_index(model, args) if args.bank else None  # one Aligner per row
     system = [{"role": "system", "content": args.system}] if args.system else []
     answers = generate(
         model,
@@ -494,8 +502,11 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> None:
         batch_size=args.batch_size,
         temperature=args.temperature,
         progress=args.progress,
+        aligner_index=index,
     )
     rows = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]
+    if index is not None:
+        rows = with_aligner_names(model, index, rows)
     for row in rows:
         console.emit(row, f"> {row['prompt']}\n{row['answer']}\n")
     if args.output:
@@ -620,6 +631,7 @@ COMMANDS = {
     "merge": cmd_merge,
     "convert": cmd_convert,
     "info": cmd_info,
+    "bank": cmd_bank,
 }
 
 

@@ -121,6 +121,12 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from error
+    return check_config(config, path)
+
+
+def check_config(config: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """Validate an Aligner config (format, version, base fingerprint, num_tokens, start_layer) read
+    from ``path`` (named in the errors); returns it."""
     if not isinstance(config, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
     if config.get("format") != FORMAT_NAME:
@@ -370,6 +376,25 @@ def _check_tensors(tensors: Mapping[str, Tensor], expected: Mapping[str, tuple],
             raise ValueError(f"{path}: {key!r} holds NaN or infinite values")
 
 
+def read_aligner(
+    directory: str | os.PathLike, config: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """A saved Aligner's validated config and fp32 tensors (``prefix`` (N, hidden), ``gate.{layer}``
+    (H,)), without a model: the checks of :func:`load` that need no model (SHA-256, keys, shapes,
+    finite values). ``config``: the already read config, if any."""
+    directory = Path(directory)
+    config = read_config(directory) if config is None else config
+    tensors = _read_weights(directory, config)
+    weights_path = directory / WEIGHTS_NAME
+    expected = _expected_shapes(config["base"], config["num_tokens"], config["start_layer"])
+    _check_tensors(tensors, expected, weights_path)
+    if config.get("num_parameters") not in (None, sum(t.numel() for t in tensors.values())):
+        raise ValueError(
+            f"{directory / CONFIG_NAME}: 'num_parameters' does not match the tensors in {weights_path}"
+        )
+    return config, tensors
+
+
 def load(model, directory: str | os.PathLike, *, backend: str | None = None):
     """Load a saved Aligner into ``model`` (patching it first if needed) and return the model.
 
@@ -382,15 +407,10 @@ def load(model, directory: str | os.PathLike, *, backend: str | None = None):
     """
     directory = Path(directory)
     config = read_config(directory)
-    config_path = directory / CONFIG_NAME
-    saved_base = config["base"]
     check_base(directory, base_fingerprint(model.config))
     num_tokens, start_layer = config["num_tokens"], config["start_layer"]
-    tensors = _read_weights(directory, config)
+    _, tensors = read_aligner(directory, config)
     weights_path = directory / WEIGHTS_NAME
-    _check_tensors(tensors, _expected_shapes(saved_base, num_tokens, start_layer), weights_path)
-    if config.get("num_parameters") not in (None, sum(t.numel() for t in tensors.values())):
-        raise ValueError(f"{config_path}: 'num_parameters' does not match the tensors in {weights_path}")
 
     state = getattr(model, "aligner_state", None)
     if state is not None:

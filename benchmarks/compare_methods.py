@@ -1,8 +1,8 @@
 """The paper's comparison (its Tables 1-3 claim) at small scale, on a model that runs on a CPU.
 
 Same task, data and budget for every method: the ``make demo`` form-adaptation task (the base
-model's own answers wrapped as ``{"answer": ...}``; 60 training, 20 held-out instructions written
-in aligner/demo.py) on SmolLM2-135M-Instruct, the same number of steps, batch size and
+model's own answers wrapped as ``{"answer": ...}``; the training and held-out instructions of
+aligner/forms.py) on SmolLM2-135M-Instruct, the same number of steps, batch size and
 transformers ``Trainer`` loop. Methods:
 
 - Aligner, N = 1 and N = 10 (start layer 2);
@@ -33,16 +33,16 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import aligner
-from aligner.demo import (
-    GGUF_FILE,
+from aligner.forms import (
+    FORMS,
     HELDOUT_INSTRUCTIONS,
-    NUM_TRAIN,
+    SMOLLM2_GGUF,
     TRAIN_INSTRUCTIONS,
-    build_task,
-    complies,
-    heldout_loss,
+    base_answers,
+    compliance,
     messages,
-    model_directory,
+    smollm2_directory,
+    target_loss,
 )
 from aligner.training import generate, load_model
 from aligner.training.data import format_prompt, sft_collator, tokenize_pair
@@ -115,10 +115,8 @@ def run_method(
         "method": method,
         "trainable_parameters": trainable,
         "lr": lr,
-        "heldout_loss": heldout_loss(
-            model, tokenizer, task["held_instructions"], task["held_targets"], False
-        ),
-        "compliance": sum(map(complies, replies)) / len(replies),
+        "heldout_loss": target_loss(model, tokenizer, task["held_instructions"], task["held_targets"]),
+        "compliance": compliance(FORMS["json"], replies),
         "seconds_per_step": result.metrics["train_runtime"] / max(result.global_step, 1),
         "final_train_loss": result.training_loss,
         "samples": replies[:3],
@@ -133,7 +131,7 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "lora": "LoRA r=8 (q, v)",
     }
     lines = [
-        f'SmolLM2-135M-Instruct ({GGUF_FILE}), form adaptation to {{"answer": ...}}: '
+        f'SmolLM2-135M-Instruct ({SMOLLM2_GGUF}), form adaptation to {{"answer": ...}}: '
         f"{meta['train']} training / {meta['held']} held-out instructions, {meta['steps']} steps "
         f"({meta['lr_scheduler']} schedule), "
         f"batch {meta['batch_size']}, {meta['device']}.",
@@ -175,15 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     args.reply_tokens = args.answer_tokens + 16
     torch.manual_seed(args.seed)
 
-    base, tokenizer = load_model(str(model_directory()), gguf_file=GGUF_FILE)
-    targets, _ = build_task(base, tokenizer, args.answer_tokens, args.reply_tokens, batch_size=20)
-    keep = [i for i, t in enumerate(targets) if json.loads(t)["answer"]]
+    base, tokenizer = load_model(str(smollm2_directory()), gguf_file=SMOLLM2_GGUF)
     instructions = TRAIN_INSTRUCTIONS + HELDOUT_INSTRUCTIONS
+    answers = base_answers(base, tokenizer, instructions, args.answer_tokens, batch_size=20)
+    keep = [i for i, answer in enumerate(answers) if answer]  # drop empty answers
+    num_train = len(TRAIN_INSTRUCTIONS)
     task = {
-        "train_instructions": [instructions[i] for i in keep if i < NUM_TRAIN],
-        "train_targets": [targets[i] for i in keep if i < NUM_TRAIN],
-        "held_instructions": [instructions[i] for i in keep if i >= NUM_TRAIN],
-        "held_targets": [targets[i] for i in keep if i >= NUM_TRAIN],
+        "train_instructions": [instructions[i] for i in keep if i < num_train],
+        "train_targets": [FORMS["json"].apply(answers[i]) for i in keep if i < num_train],
+        "held_instructions": [instructions[i] for i in keep if i >= num_train],
+        "held_targets": [FORMS["json"].apply(answers[i]) for i in keep if i >= num_train],
     }
     meta = {
         "steps": args.steps,

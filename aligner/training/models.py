@@ -212,8 +212,10 @@ def generate(
     temperature: float = 0.0,
     progress: bool = True,
     desc: str = "generating",
+    aligner_index: torch.Tensor | None = None,
 ) -> list[str]:
-    """Answers to chat prompts, in batches with left padding; greedy when ``temperature`` is 0."""
+    """Answers to chat prompts, in batches with left padding; greedy when ``temperature`` is 0.
+    ``aligner_index``: one bank index per prompt (-1: base model) for a model with a bank attached."""
     from tqdm.auto import tqdm
 
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -229,7 +231,10 @@ def generate(
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
             texts = [format_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            out = model.generate(**batch, **options)
+            rows = (
+                {} if aligner_index is None else {"aligner_index": aligner_index[start : start + batch_size]}
+            )
+            out = model.generate(**batch, **options, **rows)
             new = out[:, batch["input_ids"].shape[1] :]
             answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:

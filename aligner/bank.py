@@ -1,0 +1,365 @@
+"""A bank of Aligners in one safetensors file, and a different Aligner for each row of a batch.
+
+A bank stacks K saved Aligners that share a base model, ``num_tokens`` N and ``start_layer``:
+
+- ``tokens``: (K, N, hidden), the prefix tokens of every Aligner;
+- ``gates``: (K, layers, H), their gates, layers = num_hidden_layers - start_layer;
+- header metadata: the Aligner config (base fingerprint, N, start layer; the same fields and
+  checks as ``aligner_config.json``) and the names, a JSON list in bank order.
+
+Loading memory-maps the file (safetensors' mmap backend): a bank of a million 1-token Aligners
+opens in about a second and costs resident memory only for the rows a batch reads. Values are
+checked for NaN / inf when an Aligner is added and again for the rows a batch selects, not for
+the whole file on load (that would read every page).
+
+Each row picks its Aligner with ``aligner_index`` (a (B,) int tensor of bank indices, -1: the
+base model) passed to ``model(...)`` or ``model.generate(...)`` after :func:`attach_bank`::
+
+    bank = AlignerBank.load("bank.safetensors")
+    aligner.attach_bank(model, bank)
+    model.generate(input_ids, attention_mask=mask, aligner_index=bank.indices(["json", None, "caps"]))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .patch import get_state, patch
+from .serialization import (
+    FINGERPRINT_KEYS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    _describe,
+    base_fingerprint,
+    check_config,
+    read_aligner,
+)
+
+CONFIG_KEY = "aligner_config"
+NAMES_KEY = "aligner_names"
+
+
+class AlignerBank:
+    """K Aligners stacked: ``tokens`` (K, N, hidden) and ``gates`` (K, layers, H), one name each.
+
+    Build one with :meth:`from_aligners` or :meth:`load`; :meth:`add` and :meth:`remove` return a
+    new bank, :meth:`save` writes it atomically. ``config`` holds the base fingerprint
+    (``config["base"]``), ``num_tokens`` and ``start_layer``.
+    """
+
+    def __init__(self, tokens: Tensor, gates: Tensor, names: Sequence[str], config: dict[str, Any]) -> None:
+        config = check_config(dict(config), "bank config")
+        base, num_tokens = config["base"], config["num_tokens"]
+        layers = base["num_hidden_layers"] - config["start_layer"]
+        expected = {
+            "tokens": (len(names), num_tokens, base["hidden_size"]),
+            "gates": (len(names), layers, base["num_attention_heads"]),
+        }
+        for key, tensor in (("tokens", tokens), ("gates", gates)):
+            if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+                raise ValueError(f"bank {key} must be a floating-point tensor, got {_describe_value(tensor)}")
+            if tuple(tensor.shape) != expected[key]:
+                raise ValueError(
+                    f"bank {key} has shape {tuple(tensor.shape)}, expected {expected[key]} "
+                    f"({len(names)} names, N={num_tokens}, start_layer={config['start_layer']}, "
+                    f"{_describe(base)})"
+                )
+        names = list(names)
+        bad = [name for name in names if not isinstance(name, str) or not name]
+        if bad:
+            raise ValueError(f"bank names must be non-empty strings, got {bad[:3]}")
+        self.tokens, self.gates, self.config = tokens, gates, config
+        self._names = names
+        self._lookup: dict[str, int] | None = None
+        if len(self._index()) != len(names):
+            seen, duplicates = set(), []
+            for name in names:
+                if name in seen:
+                    duplicates.append(name)
+                seen.add(name)
+            raise ValueError(f"bank names must be unique; repeated: {duplicates[:5]}")
+
+    # ----------------------------------------------------------------------------------------
+    # Lookup
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __repr__(self) -> str:
+        return (
+            f"AlignerBank({len(self)} Aligners, num_tokens={self.num_tokens}, "
+            f"start_layer={self.start_layer}, {_describe(self.base)}, dtype={self.tokens.dtype})"
+        )
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    @property
+    def base(self) -> dict[str, Any]:
+        return self.config["base"]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.config["num_tokens"]
+
+    @property
+    def start_layer(self) -> int:
+        return self.config["start_layer"]
+
+    def _index(self) -> dict[str, int]:
+        if self._lookup is None:
+            self._lookup = {name: i for i, name in enumerate(self._names)}
+        return self._lookup
+
+    def index(self, name: str) -> int:
+        """The bank index of ``name``; a ValueError naming a few known names if it is absent."""
+        try:
+            return self._index()[name]
+        except KeyError:
+            known = ", ".join(repr(n) for n in self._names[:5])
+            more = ", ..." if len(self) > 5 else ""
+            raise ValueError(
+                f"no Aligner named {name!r} in the bank ({len(self)} Aligners: {known}{more})"
+            ) from None
+
+    def indices(self, names: Sequence[str | None]) -> Tensor:
+        """One index per row for ``aligner_index``: (B,) int64, None -> -1 (the base model)."""
+        return torch.tensor([-1 if name is None else self.index(name) for name in names], dtype=torch.int64)
+
+    def select(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """The rows ``index`` (B,) selects: tokens (B, N, hidden) and gates (B, layers, H) as fp32
+        on the bank's device, zeros where the index is -1. Only these B rows are read."""
+        if not isinstance(index, Tensor) or index.dim() != 1 or index.is_floating_point():
+            raise ValueError(f"index must be a 1-D integer tensor, got {_describe_value(index)}")
+        index = index.to(device=self.tokens.device, dtype=torch.int64)
+        if index.numel() and not -1 <= int(index.min()) <= int(index.max()) < len(self):
+            raise ValueError(
+                f"aligner_index must be in [-1, {len(self)}) for a bank of {len(self)} Aligners, got values "
+                f"from {int(index.min())} "
+                f"to {int(index.max())}"
+            )
+        keep = index >= 0
+        rows = index.clamp(min=0)
+        tokens = self.tokens.index_select(0, rows).float() * keep[:, None, None]
+        gates = self.gates.index_select(0, rows).float() * keep[:, None, None]
+        finite = tokens.isfinite().flatten(1).all(1) & gates.isfinite().flatten(1).all(1)
+        if not finite.all():
+            bad = sorted({int(i) for i in index[~finite]})
+            raise ValueError(f"bank Aligners {bad[:5]} hold NaN or infinite values")
+        return tokens, gates
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> AlignerBank:
+        """A copy with the tensors on ``device`` / in ``dtype`` (e.g. the whole bank in GPU memory)."""
+        return AlignerBank(
+            self.tokens.to(device=device, dtype=dtype), self.gates.to(device=device, dtype=dtype),
+            self._names, self.config,
+        )  # fmt: skip
+
+    # ----------------------------------------------------------------------------------------
+    # Building
+
+    @classmethod
+    def from_aligners(
+        cls, directories: Sequence[str | os.PathLike], names: Sequence[str] | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> AlignerBank:  # fmt: skip
+        """Stack saved Aligners (directories written by :func:`aligner.save`); names default to
+        the directory names. All must share base model, ``num_tokens`` and ``start_layer``."""
+        directories = [Path(d) for d in directories]
+        if not directories:
+            raise ValueError("a bank needs at least one Aligner directory")
+        names = [d.name for d in directories] if names is None else list(names)
+        if len(names) != len(directories):
+            raise ValueError(f"got {len(names)} names for {len(directories)} Aligner directories")
+        config, tokens, gates = None, [], []
+        for directory in directories:
+            one, tensors = read_aligner(directory)
+            if config is None:
+                config = _bank_config(one)
+            else:
+                _check_compatible(config, one, str(directory))
+            tokens.append(tensors["prefix"])
+            gates.append(torch.stack([tensors[f"gate.{layer}"] for layer in _layers(config)]))
+        return cls(torch.stack(tokens).to(dtype), torch.stack(gates).to(dtype), names, config)
+
+    def add(self, directory: str | os.PathLike, name: str | None = None) -> AlignerBank:
+        """A new bank with the saved Aligner in ``directory`` appended (name: the directory name)."""
+        name = Path(directory).name if name is None else name
+        if name in self._index():
+            raise ValueError(f"the bank already holds an Aligner named {name!r}; remove it first")
+        config, tensors = read_aligner(directory)
+        _check_compatible(self.config, config, str(directory))
+        gates = torch.stack([tensors[f"gate.{layer}"] for layer in _layers(self.config)])
+        return AlignerBank(
+            torch.cat([self.tokens, tensors["prefix"][None].to(self.tokens)]),
+            torch.cat([self.gates, gates[None].to(self.gates)]),
+            [*self._names, name], self.config,
+        )  # fmt: skip
+
+    def remove(self, name: str) -> AlignerBank:
+        """A new bank without the Aligner ``name`` (later indices shift down by one)."""
+        i = self.index(name)
+        keep = [*range(i), *range(i + 1, len(self))]
+        if not keep:
+            raise ValueError(
+                f"cannot remove {name!r}: it is the bank's only Aligner (a bank holds at least one)"
+            )
+        rows = torch.tensor(keep, device=self.tokens.device)
+        return AlignerBank(
+            self.tokens.index_select(0, rows), self.gates.index_select(0, rows),
+            [n for j, n in enumerate(self._names) if j != i], self.config,
+        )  # fmt: skip
+
+    # ----------------------------------------------------------------------------------------
+    # Files
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the bank to ``path`` atomically (a temporary file beside it, then ``os.replace``): an
+        existing file there is replaced only once the new one is complete. Returns ``path``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+        try:
+            # open(..., "x") gives the usual 0666 & ~umask; safetensors' save_file leaves 0600, so
+            # the mode is put back after it wrote.
+            with open(tmp, "xb"):
+                pass
+            mode = tmp.stat().st_mode & 0o777
+            metadata = {
+                "format": "pt",
+                CONFIG_KEY: json.dumps(self.config),
+                NAMES_KEY: json.dumps(self._names, ensure_ascii=False),
+            }
+            tensors = {
+                "tokens": self.tokens.detach().cpu().contiguous(),
+                "gates": self.gates.detach().cpu().contiguous(),
+            }
+            save_file(tensors, tmp, metadata=metadata)
+            os.chmod(tmp, mode)
+            with open(tmp, "rb") as file:
+                os.fsync(file.fileno())
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> AlignerBank:
+        """Open a bank file, memory-mapped (nothing but the header is read now). The config and
+        names get the checks of :func:`aligner.load`; shapes must agree with them."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no bank file at {path}")
+        try:
+            with safe_open(path, framework="pt") as file:
+                metadata = file.metadata() or {}
+                keys = set(file.keys())
+            tensors = load_file(path)  # mmap backend: tensors view the mapped file
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+        if CONFIG_KEY not in metadata or NAMES_KEY not in metadata:
+            raise ValueError(
+                f"{path} is not an Aligner bank: its header has no {CONFIG_KEY!r} / {NAMES_KEY!r}"
+            )
+        if keys != {"tokens", "gates"}:
+            raise ValueError(
+                f"{path}: an Aligner bank holds exactly 'tokens' and 'gates', found {sorted(keys)}"
+            )
+        try:
+            config = json.loads(metadata[CONFIG_KEY])
+            names = json.loads(metadata[NAMES_KEY])
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: the bank header is not valid JSON: {error}") from error
+        if not isinstance(names, list):
+            raise ValueError(f"{path}: {NAMES_KEY!r} must be a JSON list of names")
+        check_config(config, path)
+        try:
+            return cls(tensors["tokens"], tensors["gates"], names, config)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from error
+
+
+def _describe_value(x: Any) -> str:
+    return f"shape {tuple(x.shape)} dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+
+
+def _bank_config(config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "base": {key: config["base"][key] for key in FINGERPRINT_KEYS},
+        "num_tokens": config["num_tokens"],
+        "start_layer": config["start_layer"],
+    }
+
+
+def _layers(config: dict[str, Any]) -> range:
+    return range(config["start_layer"], config["base"]["num_hidden_layers"])
+
+
+def _check_compatible(bank: dict[str, Any], other: dict[str, Any], where: str) -> None:
+    differing = [key for key in FINGERPRINT_KEYS if bank["base"][key] != other["base"][key]]
+    if differing:
+        raise ValueError(
+            f"{where} was made for {_describe(other['base'])} but the bank is for {_describe(bank['base'])} "
+            f"(differs in {', '.join(differing)})"
+        )
+    for key in ("num_tokens", "start_layer"):
+        if bank[key] != other[key]:
+            raise ValueError(f"{where} has {key}={other[key]} but the bank's Aligners have {key}={bank[key]}")
+
+
+def attach_bank(model: Any, bank: AlignerBank, *, backend: str | None = None) -> Any:
+    """Let ``model(..., aligner_index=...)`` and ``model.generate(..., aligner_index=...)`` give each
+    row its own Aligner from ``bank``; returns the model.
+
+    The model is patched first if needed (its own Aligner then has zero gates: rows without
+    ``aligner_index`` run the base model). An already patched model must have the bank's
+    ``num_tokens`` and ``start_layer`` and not be merged; the base must match the bank's
+    fingerprint. The bank stays where it is (CPU, memory-mapped, by default); the B selected rows
+    move to the model's device once per forward or generate call.
+    """
+    if not isinstance(bank, AlignerBank):
+        raise TypeError(f"bank must be an AlignerBank, got {type(bank).__name__}")
+    model_base = base_fingerprint(model.config)
+    differing = [key for key in FINGERPRINT_KEYS if bank.base[key] != model_base[key]]
+    if differing:
+        raise ValueError(
+            f"the bank was made for {_describe(bank.base)} but the model is {_describe(model_base)} "
+            f"(differs in {', '.join(differing)})"
+        )
+    state = getattr(model, "aligner_state", None)
+    if state is None:
+        patch(model, bank.num_tokens, bank.start_layer, backend=backend)
+        state = get_state(model)
+    elif (state.num_tokens, state.start_layer) != (bank.num_tokens, bank.start_layer):
+        raise ValueError(
+            f"model carries an Aligner with num_tokens={state.num_tokens}, start_layer={state.start_layer}, "
+            f"but the bank holds num_tokens={bank.num_tokens}, start_layer={bank.start_layer}"
+        )
+    elif state.merged_biases is not None:
+        raise ValueError("model's Aligner is merged into o_proj biases; call aligner.unmerge(model) first")
+    state.bank = bank
+    state.memo.clear()
+    return model
+
+
+def detach_bank(model: Any) -> Any:
+    """Forget the model's bank (``aligner_index`` is then refused); returns the model."""
+    state = get_state(model)
+    state.bank = None
+    state.memo.clear()
+    return model
