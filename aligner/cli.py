@@ -30,10 +30,16 @@ disabled (aligner.disabled), so no second copy of the base model is held in memo
 SFT Aligner with --init-aligner (otherwise the fresh Aligner equals the reference at step 0).
 """
 
-DISTILL_HELP = """Bake a system prompt into an Aligner.
+DISTILL_HELP = """Bake a system prompt into an Aligner (context distillation).
 
-The base model answers every instruction WITH the system prompt; the Aligner is then trained
-(SFT) to give those answers WITHOUT it. The generated pairs are kept in OUTPUT_DIR/distilled.jsonl.
+The base model first answers every instruction WITH the system prompt (greedy, or sampled with
+--temperature); the pairs are kept in OUTPUT_DIR/distilled.jsonl. The Aligner is then trained
+so that the model WITHOUT the system prompt matches the prompted model on those answers:
+
+  --loss kl   (default) KL(teacher || student) over the whole vocabulary at every answer token;
+              the teacher is the same model with the Aligner disabled plus the system prompt
+  --loss sft  cross-entropy on the answers' tokens only (SFT on the prompted model's answers)
+
 Instructions: JSON/JSONL rows with "instruction" (+ optional "input") or "prompt".
 """
 
@@ -140,6 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--system-prompt-file", help="file holding the system prompt")
     distill.add_argument(
         "--max-new-tokens", type=int, default=128, help="answer length when generating targets"
+    )
+    distill.add_argument(
+        "--loss", default="kl", choices=["kl", "sft"], help="distillation loss (default kl; see above)"
+    )
+    distill.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampling temperature of the teacher's answers (default 0: greedy)",
     )
     _training_arguments(distill)
 
@@ -262,7 +277,7 @@ def cmd_dpo(args: argparse.Namespace) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
-    from .training import distill_examples, prompt_examples, train_sft, write_jsonl
+    from .training import distill_examples, prompt_examples, train_distill, write_jsonl
 
     config = _config(args)
     if args.system_prompt_file:
@@ -273,7 +288,11 @@ def cmd_distill(args: argparse.Namespace) -> None:
     else:
         system = args.system_prompt.strip()
     if not system:
-        raise ValueError("the system prompt is empty")
+        raise ValueError("the system prompt is empty: give the text to bake in with --system-prompt")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     prompts = prompt_examples(args.data)
     model, tokenizer = _load(args)
     examples = distill_examples(
@@ -283,6 +302,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
         system,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
+        temperature=args.temperature,
         progress=not args.no_progress,
     )
     if not examples:
@@ -290,7 +310,8 @@ def cmd_distill(args: argparse.Namespace) -> None:
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     rows = [{"system": system, "messages": [*p, {"role": "assistant", "content": a}]} for p, a in examples]
     write_jsonl(Path(args.output_dir) / "distilled.jsonl", rows)
-    _report(train_sft(model, tokenizer, examples, config, args.data), args.output_dir)
+    summary = train_distill(model, tokenizer, examples, system, config, loss=args.loss, source=args.data)
+    _report(summary, args.output_dir)
 
 
 def _with_aligner(args: argparse.Namespace) -> tuple[Any, Any]:
