@@ -1,0 +1,316 @@
+"""Does a distilled Aligner follow its system prompt WITHOUT the prompt? SmolLM2-135M-Instruct, CPU.
+
+For each system prompt (a language, a format rule, a persona) the base model answers the training
+instructions WITH the prompt (greedy), then two Aligners are trained from those answers, with
+the same steps, learning rate and tokens: ``sft`` (cross-entropy on the answers' tokens, the old
+``distill``) and ``kl`` (KL to the prompted model's full next-token distribution, the new
+default). Every model then answers held-out instructions (other topics and wordings, written
+for this benchmark) greedily, and an automatic check per prompt says whether each reply follows
+the rule. Reported per prompt: the fraction of held-out replies that follow it for the base model
+without the prompt, the base model with it, and both Aligners without it; trainable parameters,
+steps and training wall time. Target: the KL Aligner >= 0.9 x the prompted base model.
+
+    PYTHONPATH=. python benchmarks/bench_distill.py                 # all prompts (about 30 min)
+    PYTHONPATH=. python benchmarks/bench_distill.py --prompts french --steps 40
+
+Results go to benchmarks/results/distill-cpu-smollm2.{json,md}; a run over some prompts keeps
+the rows of the others (each row records its own settings and date).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import RESULTS_DIR, _write_atomic, environment
+from benchmarks.models import SMOLLM2_GGUF, smollm2_path
+
+# Written for this benchmark: varied kinds (explain, how-to, advice, describe, compare, creative,
+# list, opinion, definition), one a line. The held-out ones have other topics and wordings.
+TRAIN_INSTRUCTIONS = """
+Explain how a rainbow forms.
+How do I plant tomato seeds?
+Give me advice for a job interview.
+Describe a busy market in the morning.
+What is the difference between a lake and a river?
+Write a short poem about the moon.
+List three things to pack for a picnic.
+Do you think cities should have more parks?
+What does the word "generous" mean?
+Why do leaves change colour in autumn?
+How can I save money on groceries?
+Tell me a short story about a lost key.
+Describe the taste of a lemon.
+How does a bicycle work?
+What should I do if I cannot sleep?
+Compare cats and dogs as pets.
+Write a birthday message for my grandmother.
+Explain what a volcano is.
+How do I make a cup of tea?
+What are good habits for studying?
+Describe your ideal holiday.
+Why is reading important?
+Give me three ideas for a rainy afternoon.
+What is a library for?
+How do birds find their way when they migrate?
+Write two sentences about the ocean.
+What makes a good friend?
+Explain why we need sleep.
+How do I clean a wooden table?
+Describe a thunderstorm.
+What is the best way to learn a new word?
+Tell me about the history of bread.
+How can I stay calm before an exam?
+What do firefighters do?
+Write a thank-you note to a teacher.
+Explain how plants drink water.
+What are the benefits of walking every day?
+Describe a snowy village.
+How do I fold a paper airplane?
+Why do people keep diaries?
+""".strip().splitlines()
+
+HELDOUT_INSTRUCTIONS = """
+Why is the sea salty?
+How do I bake simple cookies?
+Give me tips for running my first race.
+Describe a quiet forest at night.
+What is the difference between weather and climate?
+Write a short poem about winter.
+List three uses for an old jar.
+Do you think children should learn to swim early?
+What does the word "curious" mean?
+How does a refrigerator keep food cold?
+What should I bring to a friend's dinner party?
+Tell me a short story about a brave mouse.
+Describe the sound of rain on a roof.
+How can I keep my houseplants healthy?
+Compare trains and planes for travel.
+Explain what an island is.
+What are good ways to make new friends?
+Why do we have seasons?
+Write a short welcome message for a new neighbour.
+How do bees help flowers?
+""".strip().splitlines()
+
+FRENCH_WORDS = set(
+    "le la les de des du un une et est en que qui pour dans sur avec pas ce cette il elle nous vous "
+    "sont au aux son sa ses leur par plus mais ou je tu on très comme être avoir fait peut".split()
+)
+ENGLISH_WORDS = set(
+    "the a an and is are of to in that it for with on as this be you i was by not or but have can "
+    "your they we my their will".split()
+)
+PIRATE_WORDS = set(
+    "arr arrr arrrr ahoy matey mateys ye yer aye hearty hearties landlubber landlubbers scallywag "
+    "scallywags booty plunder grog shiver timbers pirate pirates buccaneer buccaneers avast yo-ho "
+    "seadog swashbuckler me-hearties".split()
+)
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-zà-ÿ'-]+", text.lower().replace("’", "'"))
+
+
+def is_french(reply: str) -> bool:
+    """More French than English function words (elided l'/d'/c'/qu' count as French), at least 2."""
+    tokens = words(reply)
+    french = sum(t in FRENCH_WORDS or re.match(r"^(l|d|c|qu|j|n|s)'", t) is not None for t in tokens)
+    english = sum(t in ENGLISH_WORDS for t in tokens)
+    return french >= 2 and french > english
+
+
+def speaks_pirate(reply: str) -> bool:
+    """At least one word from the pirate lexicon (possessives included)."""
+    return any(re.sub(r"'s$", "", t).strip("'-") in PIRATE_WORDS for t in words(reply))
+
+
+GREETING = re.compile(
+    r"^\W*(hello|hi|hey|greetings|good (morning|afternoon|evening|day)|welcome)\b", re.IGNORECASE
+)
+
+
+def starts_with_greeting(reply: str) -> bool:
+    """The reply opens with a greeting (hello, hi, hey, greetings, good morning/afternoon/..., welcome)."""
+    return GREETING.match(reply) is not None
+
+
+# name: (system prompt, check on a reply)
+PROMPTS: dict[str, tuple[str, Callable[[str], bool]]] = {
+    "french": ("Always answer in French.", is_french),
+    "format": ("Always begin your answer with a friendly greeting such as 'Hello!'.", starts_with_greeting),
+    "pirate": ("You are a pirate. Always talk like a pirate, saying 'Arr' and 'matey'.", speaks_pirate),
+}
+
+
+def user(instruction: str, system: str | None = None) -> list[dict[str, str]]:
+    return [
+        *([{"role": "system", "content": system}] if system else []),
+        {"role": "user", "content": instruction},
+    ]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--prompts", nargs="+", default=list(PROMPTS), choices=list(PROMPTS))
+    parser.add_argument("--steps", type=int, default=30, help="training steps of each Aligner")
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--num-tokens", type=int, default=10)
+    parser.add_argument("--start-layer", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--gen-batch-size", type=int, default=20, help="prompts per generate call")
+    parser.add_argument("--answer-tokens", type=int, default=32, help="length of the teacher's answers")
+    parser.add_argument("--reply-tokens", type=int, default=24, help="length of evaluated replies")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="distill-cpu-smollm2")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    import aligner
+    from aligner.training import TrainConfig, distill_examples, generate, load_model, train_distill
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(str(smollm2_path()), gguf_file=SMOLLM2_GGUF)
+
+    def replies(system: str | None, name: str) -> list[str]:
+        start = time.perf_counter()
+        out = generate(
+            model, tokenizer, [user(i, system) for i in HELDOUT_INSTRUCTIONS],
+            max_new_tokens=args.reply_tokens, batch_size=args.gen_batch_size, progress=False,
+        )  # fmt: skip
+        print(f"  {name}: {len(out)} replies in {time.perf_counter() - start:.0f} s", flush=True)
+        return out
+
+    base = replies(None, "base")
+    rows, samples = [], {}
+    for name in args.prompts:
+        system, check = PROMPTS[name]
+        print(f"{name}: {system!r}", flush=True)
+        rate = {"base": sum(map(check, base)) / len(base)}
+        answers = {"base": base, "prompted base": replies(system, "prompted base")}
+        rate["prompted base"] = sum(map(check, answers["prompted base"])) / len(base)
+        start = time.perf_counter()
+        examples = distill_examples(
+            model, tokenizer, TRAIN_INSTRUCTIONS, system, max_new_tokens=args.answer_tokens,
+            batch_size=args.gen_batch_size, progress=False,
+        )  # fmt: skip
+        teacher_seconds = time.perf_counter() - start
+        teacher_rate = sum(check(a) for _, a in examples) / len(examples)
+        runs = {}
+        for loss in ("sft", "kl"):
+            with tempfile.TemporaryDirectory() as out:
+                config = TrainConfig(
+                    output_dir=out, num_tokens=args.num_tokens, start_layer=args.start_layer, lr=args.lr,
+                    max_steps=args.steps, batch_size=args.batch_size, logging_steps=args.steps,
+                    save_steps=10**9, seed=args.seed, progress=False,
+                )  # fmt: skip
+                start = time.perf_counter()
+                summary = train_distill(model, tokenizer, examples, system, config, loss=loss)
+                seconds = time.perf_counter() - start
+            key = f"{loss} distill"
+            answers[key] = replies(None, key)
+            aligner.unpatch(model)
+            rate[key] = sum(map(check, answers[key])) / len(base)
+            runs[loss] = {"seconds": seconds, "train_loss": summary["train_loss"], "steps": summary["steps"]}
+            print(f"  {key}: {rate[key]:.2f} after {summary['steps']} steps, {seconds:.0f} s", flush=True)
+        ratio = rate["kl distill"] / rate["prompted base"] if rate["prompted base"] else None
+        rows.append(
+            {
+                "prompt": name,
+                "system_prompt": system,
+                "held_out": len(HELDOUT_INSTRUCTIONS),
+                "base": rate["base"],
+                "prompted_base": rate["prompted base"],
+                "sft_distill": rate["sft distill"],
+                "kl_distill": rate["kl distill"],
+                "kl_over_prompted": ratio,
+                "target_met": ratio is not None and ratio >= 0.9,
+                "trainable_parameters": summary["trainable_parameters"],
+                "steps": args.steps,
+                "sft_seconds": runs["sft"]["seconds"],
+                "kl_seconds": runs["kl"]["seconds"],
+                "sft_train_loss": runs["sft"]["train_loss"],
+                "kl_train_loss": runs["kl"]["train_loss"],
+                "teacher_answers": len(examples),
+                "teacher_follows": teacher_rate,
+                "teacher_seconds": teacher_seconds,
+                "settings": {
+                    k: getattr(args, k)
+                    for k in (
+                        "lr",
+                        "num_tokens",
+                        "start_layer",
+                        "batch_size",
+                        "answer_tokens",
+                        "reply_tokens",
+                        "seed",
+                    )
+                },
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
+        )
+        samples[name] = {
+            key: [
+                {"instruction": i, "reply": r, "follows": check(r)}
+                for i, r in zip(HELDOUT_INSTRUCTIONS, value)
+            ]
+            for key, value in answers.items()
+        }
+    return {"rows": rows, "samples": samples}
+
+
+def markdown(rows: list[dict], env: dict) -> str:
+    lines = [
+        f"Device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}\n",
+        "SmolLM2-135M-Instruct; fraction of held-out instructions whose greedy reply follows the "
+        "system prompt's rule (base and distilled Aligners WITHOUT the prompt).\n",
+        "| system prompt | check | base | prompted base | SFT distill (old) | KL distill (new) "
+        "| KL / prompted | trainable params | steps | SFT time | KL time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ratio = "n/a" if row["kl_over_prompted"] is None else f"{row['kl_over_prompted']:.2f}"
+        lines.append(
+            f"| {row['system_prompt']} | {row['prompt']} | {row['base']:.2f} | {row['prompted_base']:.2f} "
+            f"| {row['sft_distill']:.2f} | {row['kl_distill']:.2f} | {ratio} "
+            f"| {row['trainable_parameters']:,} | {row['steps']} "
+            f"| {row['sft_seconds']:.0f} s | {row['kl_seconds']:.0f} s |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    result = run(args)
+    json_path = args.results_dir / f"{args.output}.json"
+    previous = json.loads(json_path.read_text(encoding="utf-8")) if json_path.is_file() else {}
+    done = {row["prompt"] for row in result["rows"]}
+    rows = [row for row in previous.get("rows", []) if row["prompt"] not in done] + result["rows"]
+    rows.sort(key=lambda row: list(PROMPTS).index(row["prompt"]))
+    samples = {k: v for k, v in previous.get("samples", {}).items() if k not in done} | result["samples"]
+    env = environment()
+    payload = {"environment": env, "rows": rows, "samples": samples}
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(json_path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    md_path = _write_atomic(args.results_dir / f"{args.output}.md", markdown(rows, env))
+    print(markdown(rows, env))
+    print(f"wrote {json_path} and {md_path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
