@@ -162,6 +162,25 @@ def test_train_distill_lowers_the_kl(tiny, tmp_path):
     assert losses[-1] < losses[0]
 
 
+def test_gradient_accumulation_logs_the_mean_kl(tiny, tmp_path):
+    """Two accumulated micro-batches of one identical row: step 1's logged loss is that row's KL
+    for the fresh Aligner (zero gates: the model without the prompt), not twice it."""
+    model, tokenizer = tiny
+    rows, _ = tokenize_distill(tokenizer, EXAMPLES[:1], SYSTEM, max_length=64)
+    batch = distill_collator(tokenizer.pad_token_id)(rows)
+    with torch.no_grad():
+        student = model(input_ids=batch["input_ids"]).logits
+        teacher = model(input_ids=batch["teacher_input_ids"]).logits
+    expected = distill_kl(student, batch["labels"], teacher, batch["teacher_labels"]).item()
+    config = TrainConfig(
+        output_dir=str(tmp_path / "out"), max_steps=1, batch_size=1, grad_accum=2, logging_steps=1,
+        save_steps=100, progress=False,
+    )  # fmt: skip
+    train_distill(model, tokenizer, EXAMPLES[:1] * 2, SYSTEM, config)
+    records = [json.loads(line) for line in (tmp_path / "out/metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in records if "loss" in r][0] == pytest.approx(expected, rel=1e-3, abs=2e-4)
+
+
 @pytest.mark.parametrize(
     ("loss", "system", "match"),
     [("mse", SYSTEM, "loss must be one of kl, sft"), ("kl", "  ", "system prompt is empty")],

@@ -129,6 +129,8 @@ class AlignerDistillTrainer(AlignerTrainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # compute_loss returns a per-batch mean: Trainer must divide it by the accumulation steps
+        self.model_accepts_loss_kwargs = False
         self._agreement: list[float] = []
 
     def compute_loss(
