@@ -10,11 +10,13 @@ the rule. Reported per prompt: the fraction of held-out replies that follow it f
 without the prompt, the base model with it, and both Aligners without it; trainable parameters,
 steps and training wall time. Target: the KL Aligner >= 0.9 x the prompted base model.
 
-    PYTHONPATH=. python benchmarks/bench_distill.py                 # all prompts (about 30 min)
-    PYTHONPATH=. python benchmarks/bench_distill.py --prompts french --steps 40
+    PYTHONPATH=. python benchmarks/bench_distill.py --threads 1                 # all prompts
+    PYTHONPATH=. python benchmarks/bench_distill.py --threads 1 --prompts french --steps 40
 
-Results go to benchmarks/results/distill-cpu-smollm2.{json,md}; a run over some prompts keeps
-the rows of the others (each row records its own settings and date).
+Each prompt costs 4 x 20 held-out replies, 40 teacher answers and two trainings of --steps steps;
+on a CPU shared with other jobs one training step took about a minute, so run it in the
+background. Results go to benchmarks/results/distill-cpu-smollm2.{json,md}, rewritten after each
+prompt; rows of prompts not in this run are kept (each row records its own settings and date).
 """
 
 from __future__ import annotations
@@ -30,8 +32,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, _write_atomic, environment
-from benchmarks.models import SMOLLM2_GGUF, smollm2_path
+try:  # as a module of the benchmarks package, or as a script
+    from .common import RESULTS_DIR, _write_atomic, environment
+    from .models import SMOLLM2_GGUF, smollm2_path
+except ImportError:
+    from common import RESULTS_DIR, _write_atomic, environment
+    from models import SMOLLM2_GGUF, smollm2_path
 
 # Written for this benchmark: varied kinds (explain, how-to, advice, describe, compare, creative,
 # list, opinion, definition), one a line. The held-out ones have other topics and wordings.
@@ -178,7 +184,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, record: Callable[[dict, dict], None]) -> None:
+    """Measure every prompt of ``args.prompts``; ``record(row, samples)`` after each one."""
     import aligner
     from aligner.training import TrainConfig, distill_examples, generate, load_model, train_distill
 
@@ -196,7 +203,6 @@ def run(args: argparse.Namespace) -> dict:
         return out
 
     base = replies(None, "base")
-    rows, samples = [], {}
     for name in args.prompts:
         system, check = PROMPTS[name]
         print(f"{name}: {system!r}", flush=True)
@@ -228,49 +234,47 @@ def run(args: argparse.Namespace) -> dict:
             runs[loss] = {"seconds": seconds, "train_loss": summary["train_loss"], "steps": summary["steps"]}
             print(f"  {key}: {rate[key]:.2f} after {summary['steps']} steps, {seconds:.0f} s", flush=True)
         ratio = rate["kl distill"] / rate["prompted base"] if rate["prompted base"] else None
-        rows.append(
-            {
-                "prompt": name,
-                "system_prompt": system,
-                "held_out": len(HELDOUT_INSTRUCTIONS),
-                "base": rate["base"],
-                "prompted_base": rate["prompted base"],
-                "sft_distill": rate["sft distill"],
-                "kl_distill": rate["kl distill"],
-                "kl_over_prompted": ratio,
-                "target_met": ratio is not None and ratio >= 0.9,
-                "trainable_parameters": summary["trainable_parameters"],
-                "steps": args.steps,
-                "sft_seconds": runs["sft"]["seconds"],
-                "kl_seconds": runs["kl"]["seconds"],
-                "sft_train_loss": runs["sft"]["train_loss"],
-                "kl_train_loss": runs["kl"]["train_loss"],
-                "teacher_answers": len(examples),
-                "teacher_follows": teacher_rate,
-                "teacher_seconds": teacher_seconds,
-                "settings": {
-                    k: getattr(args, k)
-                    for k in (
-                        "lr",
-                        "num_tokens",
-                        "start_layer",
-                        "batch_size",
-                        "answer_tokens",
-                        "reply_tokens",
-                        "seed",
-                    )
-                },
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            }
-        )
-        samples[name] = {
+        row = {
+            "prompt": name,
+            "system_prompt": system,
+            "held_out": len(HELDOUT_INSTRUCTIONS),
+            "base": rate["base"],
+            "prompted_base": rate["prompted base"],
+            "sft_distill": rate["sft distill"],
+            "kl_distill": rate["kl distill"],
+            "kl_over_prompted": ratio,
+            "target_met": ratio is not None and ratio >= 0.9,
+            "trainable_parameters": summary["trainable_parameters"],
+            "steps": args.steps,
+            "sft_seconds": runs["sft"]["seconds"],
+            "kl_seconds": runs["kl"]["seconds"],
+            "sft_train_loss": runs["sft"]["train_loss"],
+            "kl_train_loss": runs["kl"]["train_loss"],
+            "teacher_answers": len(examples),
+            "teacher_follows": teacher_rate,
+            "teacher_seconds": teacher_seconds,
+            "settings": {
+                k: getattr(args, k)
+                for k in (
+                    "lr",
+                    "num_tokens",
+                    "start_layer",
+                    "batch_size",
+                    "answer_tokens",
+                    "reply_tokens",
+                    "seed",
+                )
+            },
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        samples = {
             key: [
                 {"instruction": i, "reply": r, "follows": check(r)}
                 for i, r in zip(HELDOUT_INSTRUCTIONS, value)
             ]
             for key, value in answers.items()
         }
-    return {"rows": rows, "samples": samples}
+        record(row, samples)
 
 
 def markdown(rows: list[dict], env: dict) -> str:
@@ -293,23 +297,26 @@ def markdown(rows: list[dict], env: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
-    result = run(args)
+def record_row(args: argparse.Namespace, row: dict, samples: dict) -> None:
+    """Add (or replace) ``row``'s prompt in the results files, written atomically; the rows of
+    other prompts, from earlier runs, are kept."""
     json_path = args.results_dir / f"{args.output}.json"
     previous = json.loads(json_path.read_text(encoding="utf-8")) if json_path.is_file() else {}
-    done = {row["prompt"] for row in result["rows"]}
-    rows = [row for row in previous.get("rows", []) if row["prompt"] not in done] + result["rows"]
-    rows.sort(key=lambda row: list(PROMPTS).index(row["prompt"]))
-    samples = {k: v for k, v in previous.get("samples", {}).items() if k not in done} | result["samples"]
+    rows = [r for r in previous.get("rows", []) if r["prompt"] != row["prompt"]] + [row]
+    rows.sort(key=lambda r: list(PROMPTS).index(r["prompt"]))
+    all_samples = previous.get("samples", {}) | {row["prompt"]: samples}
     env = environment()
-    payload = {"environment": env, "rows": rows, "samples": samples}
     args.results_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"environment": env, "rows": rows, "samples": all_samples}
     _write_atomic(json_path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
     md_path = _write_atomic(args.results_dir / f"{args.output}.md", markdown(rows, env))
     print(markdown(rows, env))
-    print(f"wrote {json_path} and {md_path}")
-    return payload
+    print(f"wrote {json_path} and {md_path}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    run(args, lambda row, samples: record_row(args, row, samples))
 
 
 if __name__ == "__main__":

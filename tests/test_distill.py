@@ -5,6 +5,7 @@ Aligner-free, and ``aligner distill --loss kl|sft`` end to end on a tiny random 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,18 @@ def test_cli_distill_empty_system_prompt(tiny_dir, tmp_path, capsys):
     argv = ["distill", str(tiny_dir), "--data", str(data), "--system-prompt-file", str(prompt)]
     assert main([*argv, "--output-dir", str(tmp_path / "out"), *FAST]) == EXIT_ERROR
     assert "system prompt is empty" in capsys.readouterr().err
+
+
+def test_benchmark_rule_checks():
+    """The automatic checks benchmarks/bench_distill.py scores replies with."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from bench_distill import is_french, speaks_pirate, starts_with_greeting
+
+    assert is_french("La lumière de l'hiver est blanche, et le ciel est clair.")
+    assert is_french("C'est la vie: l'amusement de la cuisine.")
+    assert not is_french("The sky is blue because of Rayleigh scattering.")
+    assert not is_french("Café au lait is a drink that I like in the morning.")
+    assert speaks_pirate("Arr, the sea be calm today") and speaks_pirate("A computer, a pirate's favourite.")
+    assert not speaks_pirate("The ship sailed across the sea.")
+    assert starts_with_greeting("Hello! Here is") and starts_with_greeting("**Hey there**, buddy")
+    assert not starts_with_greeting("Highly useful") and not starts_with_greeting("The answer is hello")
