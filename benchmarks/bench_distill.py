@@ -260,6 +260,8 @@ def run(args: argparse.Namespace, record: Callable[[dict, dict], None]) -> None:
                     "num_tokens",
                     "start_layer",
                     "batch_size",
+                    "gen_batch_size",
+                    "threads",
                     "answer_tokens",
                     "reply_tokens",
                     "seed",
