@@ -169,7 +169,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--prompts", nargs="+", default=list(PROMPTS), choices=list(PROMPTS))
-    parser.add_argument("--steps", type=int, default=30, help="training steps of each Aligner")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=30,
+        help="training steps of each Aligner (0: only base and prompted base)",
+    )
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--num-tokens", type=int, default=10)
     parser.add_argument("--start-layer", type=int, default=2)
@@ -209,6 +214,11 @@ def run(args: argparse.Namespace, record: Callable[[dict, dict], None]) -> None:
         rate = {"base": sum(map(check, base)) / len(base)}
         answers = {"base": base, "prompted base": replies(system, "prompted base")}
         rate["prompted base"] = sum(map(check, answers["prompted base"])) / len(base)
+        if args.steps == 0:  # only how often the base model follows the rule, with and without it
+            row = {"prompt": name, "system_prompt": system, "held_out": len(HELDOUT_INSTRUCTIONS),
+                   "base": rate["base"], "prompted_base": rate["prompted base"], "steps": 0}  # fmt: skip
+            record(row, {key: _scored(value, check) for key, value in answers.items()})
+            continue
         start = time.perf_counter()
         examples = distill_examples(
             model, tokenizer, TRAIN_INSTRUCTIONS, system, max_new_tokens=args.answer_tokens,
@@ -269,14 +279,19 @@ def run(args: argparse.Namespace, record: Callable[[dict, dict], None]) -> None:
             },
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        samples = {
-            key: [
-                {"instruction": i, "reply": r, "follows": check(r)}
-                for i, r in zip(HELDOUT_INSTRUCTIONS, value)
-            ]
-            for key, value in answers.items()
-        }
-        record(row, samples)
+        record(row, {key: _scored(value, check) for key, value in answers.items()})
+
+
+def _scored(replies: list[str], check: Callable[[str], bool]) -> list[dict]:
+    return [
+        {"instruction": i, "reply": r, "follows": check(r)} for i, r in zip(HELDOUT_INSTRUCTIONS, replies)
+    ]
+
+
+def _cell(row: dict, key: str, form: str, unit: str = "") -> str:
+    """A table cell; "not run" where the row has no such measurement (--steps 0, or no ratio)."""
+    value = row.get(key)
+    return "not run" if value is None else f"{value:{form}}{unit}"
 
 
 def markdown(rows: list[dict], env: dict) -> str:
@@ -289,13 +304,16 @@ def markdown(rows: list[dict], env: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        ratio = "n/a" if row["kl_over_prompted"] is None else f"{row['kl_over_prompted']:.2f}"
-        lines.append(
-            f"| {row['system_prompt']} | {row['prompt']} | {row['base']:.2f} | {row['prompted_base']:.2f} "
-            f"| {row['sft_distill']:.2f} | {row['kl_distill']:.2f} | {ratio} "
-            f"| {row['trainable_parameters']:,} | {row['steps']} "
-            f"| {row['sft_seconds']:.0f} s | {row['kl_seconds']:.0f} s |"
-        )
+        cells = [
+            row["system_prompt"],
+            row["prompt"],
+            _cell(row, "base", ".2f"),
+            _cell(row, "prompted_base", ".2f"),
+        ]
+        cells += [_cell(row, key, ".2f") for key in ("sft_distill", "kl_distill", "kl_over_prompted")]
+        cells += [_cell(row, "trainable_parameters", ","), str(row["steps"])]
+        cells += [_cell(row, "sft_seconds", ".0f", " s"), _cell(row, "kl_seconds", ".0f", " s")]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
