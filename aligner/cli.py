@@ -46,10 +46,16 @@ disabled (aligner.disabled), so no second copy of the base model is held in memo
 SFT Aligner with --init-aligner (otherwise the fresh Aligner equals the reference at step 0).
 """
 
-DISTILL_HELP = """Bake a system prompt into an Aligner.
+DISTILL_HELP = """Bake a system prompt into an Aligner (context distillation).
 
-The base model answers every instruction WITH the system prompt; the Aligner is then trained
-(SFT) to give those answers WITHOUT it. The generated pairs are kept in OUTPUT_DIR/distilled.jsonl.
+The base model first answers every instruction WITH the system prompt (greedy, or sampled with
+--temperature); the pairs are kept in OUTPUT_DIR/distilled.jsonl. The Aligner is then trained
+so that the model WITHOUT the system prompt matches the prompted model on those answers:
+
+  --loss kl   (default) KL(teacher || student) over the whole vocabulary at every answer token;
+              the teacher is the same model with the Aligner disabled plus the system prompt
+  --loss sft  cross-entropy on the answers' tokens only (SFT on the prompted model's answers)
+
 Instructions: JSON/JSONL rows with "instruction" (+ optional "input") or "prompt".
 """
 
@@ -161,6 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--system-prompt-file", help="file holding the system prompt")
     distill.add_argument(
         "--max-new-tokens", type=int, default=128, help="answer length when generating targets"
+    )
+    distill.add_argument(
+        "--loss", default="kl", choices=["kl", "sft"], help="distillation loss (default kl; see above)"
+    )
+    distill.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampling temperature of the teacher's answers (default 0: greedy)",
     )
     _output_arguments(distill, progress=False)
     _config_arguments(distill, "distill")
@@ -426,7 +441,7 @@ def cmd_dpo(args: argparse.Namespace, console: Console) -> None:
 
 def cmd_distill(args: argparse.Namespace, console: Console) -> None:
     from .outputs import OutputDir, read_manifest
-    from .training import distill_examples, prompt_examples, train_sft, write_jsonl
+    from .training import distill_examples, prompt_examples, train_distill, write_jsonl
 
     config = _config(args, console)
     if args.system_prompt_file:
@@ -437,9 +452,11 @@ def cmd_distill(args: argparse.Namespace, console: Console) -> None:
     else:
         system = args.system_prompt.strip()
     if not system:
-        raise ValueError("the system prompt is empty")
+        raise ValueError("the system prompt is empty: give the text to bake in with --system-prompt")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     prompts = prompt_examples(args.data)
     _check_training(args, config, "distill")
     model, tokenizer = _load(args)
@@ -450,13 +467,14 @@ def cmd_distill(args: argparse.Namespace, console: Console) -> None:
         system,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
+        temperature=args.temperature,
         progress=config.progress,
     )
     if not examples:
         raise ValueError(f"the model gave no answer to any instruction in {args.data}")
     rows = [{"system": system, "messages": [*p, {"role": "assistant", "content": a}]} for p, a in examples]
     try:
-        summary = train_sft(model, tokenizer, examples, config, args.data, command="distill")
+        summary = train_distill(model, tokenizer, examples, system, config, loss=args.loss, source=args.data)
     finally:  # the teacher's answers are kept, also after Ctrl-C, beside the run that owns them
         claimed = Path(args.output_dir).is_dir() and read_manifest(args.output_dir)
         if _is_main_process() and claimed and claimed.get("command") == "distill":

@@ -1,14 +1,14 @@
 """Training Aligners with the Hugging Face stack: data files through ``datasets``, loops through
 ``transformers.Trainer`` (DDP under ``torchrun`` / ``accelerate launch``), SFT, DPO and
-system-prompt distillation. Needs the ``train`` extra: ``pip install -e ".[train]"``."""
+system-prompt (context) distillation. Needs the ``train`` extra: ``pip install -e ".[train]"``."""
 
 from .config import TrainConfig
 from .data import DataError, preference_examples, prompt_examples, sft_examples
+from .distill import AlignerDistillTrainer, distill_examples, distill_kl, train_distill
 from .models import ModelLoadError, generate, load_model
 from .run import (
     TrainingInterrupted,
     attach_aligner,
-    distill_examples,
     train_dpo_file,
     train_sft,
     train_sft_file,
@@ -18,6 +18,7 @@ from .trainer import AlignerDPOTrainer, AlignerTrainer, MetricsCallback, plot_lo
 
 __all__ = [
     "AlignerDPOTrainer",
+    "AlignerDistillTrainer",
     "AlignerTrainer",
     "DataError",
     "MetricsCallback",
@@ -26,6 +27,7 @@ __all__ = [
     "TrainingInterrupted",
     "attach_aligner",
     "distill_examples",
+    "distill_kl",
     "generate",
     "load_model",
     "plot_losses",
@@ -33,6 +35,7 @@ __all__ = [
     "prompt_examples",
     "sequence_logprobs",
     "sft_examples",
+    "train_distill",
     "train_dpo_file",
     "train_sft",
     "train_sft_file",

@@ -28,7 +28,6 @@ from .data import (
     tokenize_preferences,
     tokenize_sft,
 )
-from .models import generate
 from .trainer import (
     METRICS_NAME,
     PLOT_NAME,
@@ -290,27 +289,6 @@ def train_dpo_file(
         beta=config.beta,
     )
     return {"dropped": dropped, **_run(trainer, config, "Aligner DPO loss")}
-
-
-def distill_examples(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[str],
-    system_prompt: str,
-    *,
-    max_new_tokens: int = 128,
-    batch_size: int = 8,
-    progress: bool = True,
-) -> list[tuple[Messages, str]]:
-    """The base model's answers WITH ``system_prompt``, as targets for prompts WITHOUT it."""
-    with_system = [
-        [{"role": "system", "content": system_prompt}, {"role": "user", "content": p}] for p in prompts
-    ]
-    answers = generate(
-        model, tokenizer, with_system, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        progress=progress, desc="answering with the system prompt",
-    )  # fmt: skip
-    return [([{"role": "user", "content": p}], a) for p, a in zip(prompts, answers) if a]
 
 
 def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
