@@ -15,9 +15,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["aligner", "aligner.*", "kernels", "kernels.*"]),
+    # The kernels/ folder installs as `aligner_kernels`: Hugging Face's `kernels` package (which
+    # transformers imports) owns the import name `kernels`.
+    packages=[*find_packages(include=["aligner", "aligner.*"]), "aligner_kernels"],
+    package_dir={"aligner_kernels": "kernels"},
     install_requires=[
-        "torch>=2.5",
+        "torch>=2.6",
         "triton>=3.2",
         "transformers>=4.48",
         "safetensors>=0.4",

@@ -8,7 +8,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from kernels import SUPPORTED_HEAD_DIMS
+from aligner_kernels import SUPPORTED_HEAD_DIMS
 
 from .checks import check_attention_inputs
 from .reference import aligner_attention_reference

@@ -50,7 +50,8 @@ def add_bank_commands(commands: Any) -> None:
 
     listing = actions.add_parser("list", help="print the bank's base model, N, start layer and names")
     listing.add_argument("bank", help="bank file")
-    listing.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    for action in (build, add, remove, listing):
+        action.add_argument("--json", action="store_true", help="JSON on stdout instead of text")
 
 
 def add_bank_option(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +63,7 @@ def add_bank_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def cmd_bank(args: argparse.Namespace) -> None:
+def cmd_bank(args: argparse.Namespace, console: Any) -> None:
     from .bank import AlignerBank
 
     path = Path(args.bank)
@@ -78,7 +79,8 @@ def cmd_bank(args: argparse.Namespace) -> None:
         _print_listing(AlignerBank.load(path), args.json)
         return
     bank.save(path)
-    print(json.dumps({"bank": str(path), "aligners": len(bank), "action": args.bank_command}))
+    record = {"bank": str(path), "aligners": len(bank), "action": args.bank_command}
+    console.emit(record, f"{args.bank_command}: {path} now holds {len(bank)} Aligners")
 
 
 def _print_listing(bank: Any, as_json: bool) -> None:

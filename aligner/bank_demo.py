@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             output_dir=str(out / name), num_tokens=1, start_layer=2, lr=args.lr, lr_scheduler="cosine",
             max_steps=args.steps, batch_size=args.batch_size, logging_steps=10, save_steps=args.steps,
             save_total_limit=1, seed=args.seed, max_length=256, progress=False,
+            overwrite=True,  # the demo's own folders: a rerun replaces its earlier run
         )  # fmt: skip
         examples = [(messages(i), form.apply(answers[i])) for i in train]
         summaries[name] = train_sft(model, tokenizer, examples, config, f"{name} form")

@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         output_dir=str(out / "aligner"), num_tokens=args.num_tokens, start_layer=2, lr=args.lr,
         lr_scheduler=args.lr_scheduler, max_steps=args.steps, batch_size=args.batch_size, logging_steps=5,
         save_steps=max(args.steps // 2, 1), save_total_limit=1, seed=args.seed, max_length=256,
+        overwrite=True,  # the demo's own folder: a rerun replaces its earlier run
     )  # fmt: skip
     examples = [(messages(i), targets[i]) for i in kept["train"]]
     summary = train_sft(model, tokenizer, examples, config, "demo task")

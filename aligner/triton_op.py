@@ -13,14 +13,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-import kernels
+import aligner_kernels
 
 
 def load_kernels(device: torch.device):
     """The kernel launchers for tensors on ``device``: the Triton interpreter's copy for CPU
     tensors, the compiled one otherwise. Both may be used in one process, in any order, and
     neither changes TRITON_INTERPRET or any other process-wide setting (kernels/interpreted.py)."""
-    return kernels.load(interpreted=device.type == "cpu")
+    return aligner_kernels.load(interpreted=device.type == "cpu")
 
 
 def _as_batched_prefix(prefix: Tensor | None, batch: int) -> Tensor | None:

@@ -32,12 +32,13 @@ from pathlib import Path
 
 import torch
 
+from aligner.files import write_atomic
+from aligner.forms import SMOLLM2_GGUF, smollm2_directory
+
 try:  # as a module of the benchmarks package, or as a script
-    from .common import RESULTS_DIR, _write_atomic, environment
-    from .models import SMOLLM2_GGUF, smollm2_path
+    from .common import RESULTS_DIR, environment
 except ImportError:
-    from common import RESULTS_DIR, _write_atomic, environment
-    from models import SMOLLM2_GGUF, smollm2_path
+    from common import RESULTS_DIR, environment
 
 # Written for this benchmark: varied kinds (explain, how-to, advice, describe, compare, creative,
 # list, opinion, definition), one a line. The held-out ones have other topics and wordings.
@@ -196,7 +197,7 @@ def run(args: argparse.Namespace, record: Callable[[dict, dict], None]) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(str(smollm2_path()), gguf_file=SMOLLM2_GGUF)
+    model, tokenizer = load_model(str(smollm2_directory()), gguf_file=SMOLLM2_GGUF)
 
     def replies(system: str | None, name: str) -> list[str]:
         start = time.perf_counter()
@@ -328,8 +329,8 @@ def record_row(args: argparse.Namespace, row: dict, samples: dict) -> None:
     env = environment()
     args.results_dir.mkdir(parents=True, exist_ok=True)
     payload = {"environment": env, "rows": rows, "samples": all_samples}
-    _write_atomic(json_path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
-    md_path = _write_atomic(args.results_dir / f"{args.output}.md", markdown(rows, env))
+    write_atomic(json_path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    md_path = write_atomic(args.results_dir / f"{args.output}.md", markdown(rows, env))
     print(markdown(rows, env))
     print(f"wrote {json_path} and {md_path}", flush=True)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
 import sys
 import time
@@ -33,6 +32,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import aligner
+from aligner.files import write_atomic
 from aligner.forms import (
     FORMS,
     HELDOUT_INSTRUCTIONS,
@@ -148,12 +148,6 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{row['compliance']:.0%} | {row['seconds_per_step']:.2f} | {row['lr']:g} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,11 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# The kernels/ folder is imported as `aligner_kernels` (setup.py package_dir); without installing
+# anything, a link under that name on PYTHONPATH serves the checkout as it is.
+ALIASES=$(mktemp -d)
+ln -s "$PWD/kernels" "$ALIASES/aligner_kernels"
+export PYTHONPATH=$PWD:$ALIASES${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 status=0

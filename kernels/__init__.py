@@ -1,7 +1,11 @@
 """Triton kernels of the fused Aligner attention: ``@triton.jit`` functions and their launchers.
 
-The kernel modules exist twice in a process: compiled (``kernels.forward``, ...) for GPU tensors
-and interpreted (``kernels._interpreted.forward``, ..., see interpreted.py) for CPU tensors, each
+The repository folder ``kernels/`` is installed as the package ``aligner_kernels`` (setup.py
+``package_dir``): the import name ``kernels`` belongs to Hugging Face's Hub kernels package, which
+transformers itself imports.
+
+The kernel modules exist twice in a process: compiled (``aligner_kernels.forward``, ...) for GPU tensors
+and interpreted (``aligner_kernels._interpreted.forward``, ..., see interpreted.py) for CPU tensors, each
 imported on first use. :func:`load` hands out the launchers of one of them.
 """
 

@@ -572,7 +572,7 @@ def aligner_attention_backward(
     shared_prefix: bool,
     shared_gate: bool,
 ) -> tuple[torch.Tensor, ...]:
-    """Gradients of :func:`kernels.forward.aligner_attention_forward`'s output.
+    """Gradients of :func:`aligner_kernels.forward.aligner_attention_forward`'s output.
 
     Same layouts as the forward (dout like q; prefix (B, N, H_kv, D) and gate (B, H), batch
     stride 0 when shared, or None). Returns dq, dk, dv like q, k, v; dprefix_k, dprefix_v as

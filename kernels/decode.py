@@ -275,7 +275,7 @@ def aligner_attention_decode(
     softmax_scale: float,
     causal: bool,
 ) -> torch.Tensor:
-    """The forward of :func:`kernels.forward.aligner_attention_forward` for short query blocks,
+    """The forward of :func:`aligner_kernels.forward.aligner_attention_forward` for short query blocks,
     split over the keys; same arguments (q (total_q, H, D), k/v (total_k, H_kv, D), prefix
     (B, N, H_kv, D) and gate (B, H) fp32, batch stride 0 when shared, or None). Returns out only.
     """

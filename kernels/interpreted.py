@@ -3,8 +3,8 @@
 Triton fixes at decoration whether a function is compiled or interpreted (``triton.jit`` reads
 ``triton.knobs.runtime.interpret``, i.e. ``TRITON_INTERPRET``). CPU tensors need interpreted
 kernels, GPU tensors compiled ones, and one process may hold both, in any order. So the kernel
-modules are imported twice: normally (``kernels.forward``, ...), and once more as
-``kernels._interpreted.forward``, ... from the same files while the interpret knob is set, inside
+modules are imported twice: normally (``aligner_kernels.forward``, ...), and once more as
+``aligner_kernels._interpreted.forward``, ... from the same files while the interpret knob is set, inside
 ``knobs.runtime.scope()``, which puts the knob and the environment back as they were.
 
 One more thing stands in the way when ``triton`` itself was imported without the interpreter

@@ -68,7 +68,7 @@ SUBPROCESS_TIMEOUT_S = {"cover": 1200, "full": 3600}
 
 
 def kernel_functions() -> dict:
-    from kernels import backward, decode, forward
+    from aligner_kernels import backward, decode, forward
 
     return {
         "fwd": forward.aligner_attention_fwd_kernel,
@@ -83,7 +83,7 @@ def kernel_functions() -> dict:
 
 def launch_configs(kernel: str, head_dim: int) -> list[tuple[int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) the launcher may run for this head dim."""
-    from kernels import backward, configs
+    from aligner_kernels import backward, configs
 
     if kernel == "bwd_prefix":  # not autotuned: see aligner_attention_backward
         return [(backward.PREFIX_BLOCK_M, 16, 4, 2)]
@@ -105,7 +105,7 @@ def launch_configs(kernel: str, head_dim: int) -> list[tuple[int, int, int, int]
 def prefix_modes(params: set[str]) -> dict[str, dict]:
     """The kernel's prefix switch per mode: "many" (N > 1 tokens, the prefix loop), "one" (the
     N = 1 closed form) and, with the tri-state PREFIX switch, "none" (no prefix)."""
-    from kernels import configs
+    from aligner_kernels import configs
 
     if "PREFIX" in params:
         return {
@@ -163,7 +163,7 @@ def switch_variants(params: set[str], sweep: str, dtype: str, first_config: bool
 
 
 def enumerate_cases(sweep: str) -> list[dict]:
-    from kernels import configs
+    from aligner_kernels import configs
 
     fns = kernel_functions()
     cases = []
@@ -225,7 +225,7 @@ def compile_case(case: dict) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.configs import block_d
+    from aligner_kernels.configs import block_d
 
     if not _FNS:
         _FNS.update(kernel_functions())
@@ -344,7 +344,7 @@ def _describe(r: dict) -> str:
 # One test, not one per kernel: under pytest-xdist each worker would run its own sweep.
 def test_every_launch_config_compiles_and_fits_shared_memory():
     pytest.importorskip("triton.backends.nvidia")
-    from kernels.configs import SUPPORTED_HEAD_DIMS
+    from aligner_kernels.configs import SUPPORTED_HEAD_DIMS
 
     sweep = os.environ.get("ALIGNER_AOT_SWEEP", "cover")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -300,14 +300,16 @@ def test_bank_command_line(tmp_path, capsys, monkeypatch):
         {"prompt": "hello", "aligner": "json"},
     ]
     data = write_jsonl(tmp_path / "prompts.jsonl", rows)
-    code, out, err = run("generate", model_dir, "--bank", bank, "--data", data, "--max-new-tokens", 4)
+    code, out, err = run(
+        "generate", model_dir, "--bank", bank, "--data", data, "--max-new-tokens", 4, "--json"
+    )
     assert code == 0, err
     answers = [json.loads(line) for line in out.splitlines()]
     assert [a["aligner"] for a in answers] == ["caps", None, "answer", "json"]
     for row, answer, directory in zip(rows[:2], answers, [dirs[1], None]):
         alone_args = [] if directory is None else ["--aligner", directory]
         code, out, err = run(
-            "generate", model_dir, *alone_args, "--prompt", row["prompt"], "--max-new-tokens", 4
+            "generate", model_dir, *alone_args, "--prompt", row["prompt"], "--max-new-tokens", 4, "--json"
         )
         assert code == 0, err
         assert json.loads(out)["answer"] == answer["answer"]  # a mixed batch answers like each alone
@@ -320,7 +322,15 @@ def test_bank_command_line(tmp_path, capsys, monkeypatch):
     code, out, err = run("chat", model_dir, "--bank", bank, "--aligner", "caps", "--max-new-tokens", 4)
     assert code == 0, err
     code2, out2, _ = run(
-        "generate", model_dir, "--aligner", dirs[1], "--prompt", "name a color", "--max-new-tokens", 4
+        "generate",
+        model_dir,
+        "--aligner",
+        dirs[1],
+        "--prompt",
+        "name a color",
+        "--max-new-tokens",
+        4,
+        "--json",
     )
     assert out.strip() == json.loads(out2)["answer"]
 

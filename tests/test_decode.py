@@ -102,7 +102,7 @@ def test_decode_loop_matches_full_recompute():
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="autotuning runs on a GPU only")
 def test_autotuning_settles_over_a_decode_loop(monkeypatch):
     """200 decode steps over 200 cache lengths tune the split kernel once per length bucket."""
-    from kernels import decode
+    from aligner_kernels import decode
 
     monkeypatch.setenv("ALIGNER_AUTOTUNE", "1")
     (q, k, v, pk, pv, gate), _ = make_inputs(seqlen_q=1, seqlen_k=300, num_tokens=3, head_dim=128)

@@ -201,7 +201,7 @@ def test_cli_distill(tiny_dir, tmp_path, capsys, loss):
     code = main(
         [
             "distill", str(tiny_dir), "--data", str(data), "--system-prompt", SYSTEM, "--loss", loss,
-            "--max-new-tokens", "4", "--output-dir", str(out), *FAST,
+            "--max-new-tokens", "4", "--output-dir", str(out), "--json", *FAST,
         ]
     )  # fmt: skip
     captured = capsys.readouterr()

@@ -19,7 +19,7 @@ from triton import knobs
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-import kernels
+import aligner_kernels as kernels
 from aligner import aligner_attention, aligner_attention_reference
 
 user_interprets = pytest.mark.skipif(
@@ -80,7 +80,7 @@ def test_cpu_triton_call_leaves_the_process_unchanged():
 def test_compiled_and_interpreted_copies_coexist():
     compiled, interpreted = kernels.load(interpreted=False), kernels.load(interpreted=True)
     assert not compiled.INTERPRETING and interpreted.INTERPRETING
-    from kernels import backward, decode, forward  # the compiled modules, importable next to the copy
+    from aligner_kernels import backward, decode, forward  # the compiled modules, importable next to the copy
 
     for kernel in (
         forward.aligner_attention_fwd_kernel,
@@ -88,7 +88,7 @@ def test_compiled_and_interpreted_copies_coexist():
         decode.aligner_attention_decode_split_kernel,
     ):
         assert type(kernel) is JITFunction
-    copy = __import__("kernels._interpreted.forward", fromlist=["forward"])
+    copy = __import__("aligner_kernels._interpreted.forward", fromlist=["forward"])
     assert isinstance(copy.aligner_attention_fwd_kernel, InterpretedFunction)
 
 

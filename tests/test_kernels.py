@@ -210,7 +210,7 @@ def test_autotune_keys_settle():
     and 1,000 distinct training lengths give a handful of keys per kernel variant."""
     import random
 
-    from kernels import backward, configs, decode, forward
+    from aligner_kernels import backward, configs, decode, forward
 
     launchers = [forward._launch_forward, decode._launch_split, backward._launch_delta, backward._launch_dq]
     launchers.append(backward._launch_dkdv)
