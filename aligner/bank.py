@@ -22,10 +22,8 @@ base model) passed to ``model(...)`` or ``model.generate(...)`` after :func:`att
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .files import replacing
 from .patch import get_state, patch
 from .serialization import (
     FINGERPRINT_KEYS,
@@ -230,30 +229,17 @@ class AlignerBank:
         existing file there is replaced only once the new one is complete. Returns ``path``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-        try:
-            # open(..., "x") gives the usual 0666 & ~umask; safetensors' save_file leaves 0600, so
-            # the mode is put back after it wrote.
-            with open(tmp, "xb"):
-                pass
-            mode = tmp.stat().st_mode & 0o777
-            metadata = {
-                "format": "pt",
-                CONFIG_KEY: json.dumps(self.config),
-                NAMES_KEY: json.dumps(self._names, ensure_ascii=False),
-            }
-            tensors = {
-                "tokens": self.tokens.detach().cpu().contiguous(),
-                "gates": self.gates.detach().cpu().contiguous(),
-            }
+        metadata = {
+            "format": "pt",
+            CONFIG_KEY: json.dumps(self.config),
+            NAMES_KEY: json.dumps(self._names, ensure_ascii=False),
+        }
+        tensors = {
+            "tokens": self.tokens.detach().cpu().contiguous(),
+            "gates": self.gates.detach().cpu().contiguous(),
+        }
+        with replacing(path) as tmp:
             save_file(tensors, tmp, metadata=metadata)
-            os.chmod(tmp, mode)
-            with open(tmp, "rb") as file:
-                os.fsync(file.fileno())
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
         return path
 
     @classmethod

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -57,3 +58,26 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
         raise
     sync_directory(path.parent)
     return path
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """For writers that take a file name (safetensors' ``save_file``, ...): yields a fresh temporary
+    name beside ``path``; once the block has written it, it is flushed to disk, given the usual file
+    mode (0666 & ~umask; some writers leave 0600) and renamed onto ``path``. On an error it is removed
+    and ``path`` is left as it was."""
+    path = Path(path)
+    tmp = temporary_name(path)
+    with open(tmp, "xb"):  # reserves the name, with the mode a new file normally gets
+        pass
+    mode = tmp.stat().st_mode & 0o777
+    try:
+        yield tmp
+        os.chmod(tmp, mode)
+        with open(tmp, "rb") as file:
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    sync_directory(path.parent)

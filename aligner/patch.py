@@ -24,6 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention import aligner_attention
 from .modules import AlignerFlashAttention, AlignerPrefix, is_quantized, project_prefix
+from .padding import is_packed, packed_sequences, unpad
 
 ATTENTION_NAME = "aligner"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -81,33 +82,6 @@ class AlignerState:
     bank: Any = None
     # Values derived once per forward / generate call and shared by every layer.
     memo: Memo = field(default_factory=Memo)
-
-
-def _unpad(x: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
-    """(B, L, H, D) and a (B, L) keep-mask -> packed (total, H, D), row indices, cu_seqlens, max length."""
-    lengths = keep.sum(1, dtype=torch.int32)
-    indices = keep.flatten().nonzero().flatten()
-    cu_seqlens = nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    return x.flatten(0, 1).index_select(0, indices), indices, cu_seqlens, int(lengths.max())
-
-
-def _packed_sequences(position_ids: Tensor) -> tuple[Tensor, int]:
-    """cu_seqlens and max length of a padding-free batch (1, total) whose positions restart per sequence."""
-    positions = position_ids.flatten()
-    starts = torch.ones_like(positions, dtype=torch.bool)
-    starts[1:] = positions[1:] != positions[:-1] + 1
-    start_indices = starts.nonzero().flatten().to(torch.int32)
-    total = torch.tensor([positions.numel()], dtype=torch.int32, device=positions.device)
-    cu_seqlens = torch.cat([start_indices, total])
-    return cu_seqlens, int(cu_seqlens.diff().max())
-
-
-def _is_packed(position_ids: Tensor | None) -> bool:
-    """Whether the positions of a (1, L) batch restart somewhere: several sequences packed in one row."""
-    if position_ids is None:
-        return False
-    positions = position_ids.flatten()
-    return bool((positions[1:] != positions[:-1] + 1).any())
 
 
 def _dense_mask(attention_mask: Tensor | None, len_q: int, len_k: int, device: torch.device) -> Tensor | None:
@@ -246,10 +220,10 @@ def aligner_attention_hf(
         attention_mask is None
         and batch == 1
         and len_q > 1
-        and state.memo.get("is_packed", (position_ids,), lambda: _is_packed(position_ids))
+        and state.memo.get("is_packed", (position_ids,), lambda: is_packed(position_ids))
     ):  # padding-free batch: positions restart per sequence
         cu_seqlens, max_len = state.memo.get(
-            "cu_seqlens", (position_ids,), lambda: _packed_sequences(position_ids)
+            "cu_seqlens", (position_ids,), lambda: packed_sequences(position_ids)
         )
         packed = (cu_seqlens, cu_seqlens, max_len, max_len)
     sequences = batch if packed is None else packed[0].shape[0] - 1
@@ -294,8 +268,8 @@ def aligner_attention_hf(
         return out.view(batch, len_q, *out.shape[1:]), None
     if attention_mask is not None:  # padding: run the real tokens packed, then re-pad with zeros
         keep_k = attention_mask[:, -len_k:].bool()
-        q_packed, q_rows, cu_q, max_q = _unpad(q, keep_k[:, -len_q:])
-        k_packed, k_rows, cu_k, max_k = _unpad(k, keep_k)
+        q_packed, q_rows, cu_q, max_q = unpad(q, keep_k[:, -len_q:])
+        k_packed, k_rows, cu_k, max_k = unpad(k, keep_k)
         v_packed = v.flatten(0, 1).index_select(0, k_rows)
         out_packed = aligner_attention(
             q_packed, k_packed, v_packed, **prefix, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
@@ -306,8 +280,14 @@ def aligner_attention_hf(
     return aligner_attention(q, k, v, **prefix, **options), None
 
 
-AttentionInterface.register(ATTENTION_NAME, aligner_attention_hf)
-AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
+def _use_aligner_attention(model: PreTrainedModel) -> None:
+    """Switch ``model`` to the "aligner" attention, registered here with transformers'
+    ``AttentionInterface`` together with, under the same name, its flash-style 2D padding-mask
+    function: without a mask function transformers would pass ``attention_mask=None`` and padding
+    would be silently ignored (DESIGN.md section 3). Registering again is harmless."""
+    AttentionInterface.register(ATTENTION_NAME, aligner_attention_hf)
+    AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
+    model.set_attn_implementation(ATTENTION_NAME)
 
 
 def attention_layers(model: PreTrainedModel) -> dict[int, nn.Module]:
@@ -397,7 +377,7 @@ def patch(
     model.aligner_state = state
     if hasattr(type(model), "_validate_model_kwargs"):
         model._validate_model_kwargs = types.MethodType(_validate_model_kwargs, model)
-    model.set_attn_implementation(ATTENTION_NAME)
+    _use_aligner_attention(model)
     return model
 
 
@@ -449,7 +429,7 @@ def disabled(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
     try:
         yield model
     finally:
-        model.set_attn_implementation(ATTENTION_NAME)
+        _use_aligner_attention(model)
 
 
 def aligner_parameters(model: PreTrainedModel) -> dict[str, nn.Parameter]:
@@ -537,5 +517,5 @@ def unmerge(model: PreTrainedModel) -> PreTrainedModel:
             else:
                 attn.o_proj.bias.copy_(original)
     state.merged_biases = None
-    model.set_attn_implementation(ATTENTION_NAME)
+    _use_aligner_attention(model)
     return model

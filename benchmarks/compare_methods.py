@@ -19,7 +19,6 @@ compliance (greedy replies), seconds per training step. Writes
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import sys
@@ -31,7 +30,6 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
-import aligner
 from aligner.files import write_atomic
 from aligner.forms import (
     FORMS,
@@ -48,26 +46,19 @@ from aligner.training import generate, load_model
 from aligner.training.data import format_prompt, sft_collator, tokenize_pair
 from aligner.training.trainer import AlignerTrainer
 
+try:  # as a module of the benchmarks package, or as a script
+    from .models import with_method
+except ImportError:
+    from models import with_method
+
 RESULTS = Path(__file__).parent / "results"
-METHODS = ("aligner-1", "aligner-10", "adaption-prompt", "lora")
-DEFAULT_LR = {"aligner-1": 9e-3, "aligner-10": 9e-3, "adaption-prompt": 9e-3, "lora": 1e-3}
+METHODS = ("aligner-1", "aligner-10", "adaption-prompt-10", "lora-8")
+DEFAULT_LR = {"aligner-1": 9e-3, "aligner-10": 9e-3, "adaption-prompt-10": 9e-3, "lora-8": 1e-3}
 
 
 def prepare(method: str, base: Any) -> tuple[Any, type[Trainer]]:
     """A fresh copy of the base model carrying ``method``'s trainable parameters, and its Trainer class."""
-    model = copy.deepcopy(base)
-    if method.startswith("aligner-"):
-        return aligner.patch(model, num_tokens=int(method.split("-")[1]), start_layer=2), AlignerTrainer
-    from peft import AdaptionPromptConfig, LoraConfig, get_peft_model
-
-    if method == "adaption-prompt":
-        layers = base.config.num_hidden_layers - 2  # the layers an Aligner with start layer 2 covers
-        config = AdaptionPromptConfig(adapter_len=10, adapter_layers=layers, task_type="CAUSAL_LM")
-    else:
-        config = LoraConfig(
-            r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
-        )
-    return get_peft_model(model, config), Trainer
+    return with_method(base, method), AlignerTrainer if method.startswith("aligner-") else Trainer
 
 
 def run_method(
@@ -127,8 +118,8 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     names = {
         "aligner-1": "Aligner N=1",
         "aligner-10": "Aligner N=10",
-        "adaption-prompt": "LLaMA-Adapter (PEFT AdaptionPrompt, 10 tokens)",
-        "lora": "LoRA r=8 (q, v)",
+        "adaption-prompt-10": "LLaMA-Adapter (PEFT AdaptionPrompt, 10 tokens)",
+        "lora-8": "LoRA r=8 (q, v)",
     }
     lines = [
         f'SmolLM2-135M-Instruct ({SMOLLM2_GGUF}), form adaptation to {{"answer": ...}}: '
