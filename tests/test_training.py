@@ -285,3 +285,19 @@ def test_dpo_starts_at_log2_and_prefers_chosen(tiny_dir, tmp_path):
     # step 1: the fresh Aligner (zero gates) IS the reference policy, so the loss is exactly log 2
     assert losses[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert losses[-1]["loss"] < losses[0]["loss"] and losses[-1]["rewards/margin"] > 0
+
+
+def test_dpo_gradient_accumulation_logs_the_mean(tiny_dir, tmp_path):
+    """Two accumulated micro-batches: step 1's loss is still log 2 for the fresh Aligner, not twice it
+    (Trainer must divide the per-batch mean losses by the accumulation steps)."""
+    from aligner.training import load_model, train_dpo_file
+
+    rows = [{"prompt": "is the cat good", "chosen": "yes the cat is good", "rejected": "no"}] * 4
+    model, tokenizer = load_model(str(tiny_dir))
+    config = TrainConfig(
+        output_dir=str(tmp_path / "out"), max_steps=1, batch_size=2, grad_accum=2, logging_steps=1,
+        save_steps=100, progress=False,
+    )  # fmt: skip
+    train_dpo_file(model, tokenizer, write_jsonl(tmp_path / "p.jsonl", rows), config)
+    records = [json.loads(line) for line in (tmp_path / "out/metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in records if "loss" in r][0] == pytest.approx(math.log(2), abs=1e-4)

@@ -136,6 +136,8 @@ class AlignerDPOTrainer(AlignerTrainer):
     def __init__(self, *args: Any, beta: float = 0.1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.beta = beta
+        # compute_loss returns a per-batch mean: Trainer must divide it by the accumulation steps
+        self.model_accepts_loss_kwargs = False
         self._stats: dict[str, list[float]] = {}
 
     def compute_loss(
