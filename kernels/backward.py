@@ -539,9 +539,6 @@ _launch_dkdv = launcher(
     key=["seqlen_bucket_q", "seqlen_bucket_k", "HEAD_DIM", "GROUP", "CAUSAL"],
     interpreting=INTERPRETING,
 )
-# The prefix kernel's grid depends on BLOCK_M through the split count, so it is not autotuned:
-# it uses the first row-wise config of its bucket.
-PREFIX_BLOCK_M = 64
 
 
 def _prefix_splits(device: torch.device, programs: int, max_seqlen_q: int, block_m: int) -> int:
@@ -640,7 +637,8 @@ def aligner_attention_backward(
         return dq, dk, dv, None, None, None
     # Prefix reductions: a shared prefix sums over every sequence, a per-sequence one over its own.
     single = variant == configs.ONE_TOKEN
-    block_m = 16 if INTERPRETING else PREFIX_BLOCK_M
+    reduction = configs.PREFIX_REDUCTION_CONFIG  # not autotuned: see its comment in configs.py
+    block_m = 16 if INTERPRETING else reduction.kwargs["BLOCK_M"]
     chunk = block_p(num_prefix)
     chunks = 1 if single else triton.cdiv(num_prefix, chunk)
     sequence_groups, sequences_per_program = (1, batch) if shared_prefix else (batch, 1)
@@ -648,7 +646,9 @@ def aligner_attention_backward(
     partial_shape = (sequence_groups * splits, num_prefix, kv_heads, head_dim)
     dpv_partial = torch.empty(partial_shape, device=q.device, dtype=torch.float32)
     dpk_partial = torch.empty((0,) if single else partial_shape, device=q.device, dtype=torch.float32)
-    launch_options = {} if INTERPRETING else {"num_warps": 4, "num_stages": 2}
+    launch_options = (
+        {} if INTERPRETING else {"num_warps": reduction.num_warps, "num_stages": reduction.num_stages}
+    )
     with interpreter_scope(INTERPRETING):
         aligner_attention_bwd_prefix_kernel[(chunks, kv_heads, sequence_groups * splits)](
             q, prefix_k, prefix_v, gate, dout, dpk_partial, dpv_partial, lse_prefix, delta_prefix,

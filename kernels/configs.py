@@ -54,12 +54,16 @@ DECODE_CONFIGS = {
     128: [_config(DECODE_BLOCK_M, 64, 4, 3), _config(DECODE_BLOCK_M, 128, 4, 2)],
     256: [_config(DECODE_BLOCK_M, 32, 4, 3), _config(DECODE_BLOCK_M, 64, 4, 2)],
 }
-# Row-wise kernels (Delta, prefix reductions): only BLOCK_M matters; BLOCK_N is unused.
+# Row-wise kernels (Delta): only BLOCK_M matters; BLOCK_N is unused.
 ROWWISE_CONFIGS = {
     64: [_config(64, 16, 4, 2), _config(128, 16, 8, 2)],
     128: [_config(64, 16, 4, 2), _config(128, 16, 8, 2)],
     256: [_config(32, 16, 4, 1), _config(64, 16, 8, 1)],
 }
+# The prefix-gradient reduction is not autotuned (its grid depends on BLOCK_M through the split
+# count): one config for every head dim, compiled for each by tests/test_aot_compile.py (D = 256 is
+# the tightest fit).
+PREFIX_REDUCTION_CONFIG = _config(64, 16, 4, 2)
 # The smallest BLOCK_M any launcher may run the row-wise kernels with (buffers of per-block
 # partials are sized by it).
 SMALLEST_BLOCK_M = min(

@@ -17,7 +17,7 @@ a rerun with unchanged kernels takes seconds.
 
 A case is a kernel (fwd, bwd_delta, bwd_dq, bwd_dkdv, bwd_prefix, decode_split,
 decode_combine), a head dim of SUPPORTED_HEAD_DIMS, a config its launcher may pick for that head
-dim's bucket (bwd_prefix: its fixed BLOCK_M=PREFIX_BLOCK_M, BLOCK_N=16, 4 warps, 2 stages;
+dim's bucket (bwd_prefix: its fixed configs.PREFIX_REDUCTION_CONFIG;
 decode_combine: BLOCK_M=DECODE_BLOCK_M, 4 warps, 1 stage), a dtype (fp16, bf16), a target and
 values of the compile-time switches, with DOT_PRECISION="tf32" and BLOCK_D=block_d(HEAD_DIM).
 Arguments are specialized like a real launch on 16-byte aligned tensors whose sizes and strides
@@ -83,10 +83,11 @@ def kernel_functions() -> dict:
 
 def launch_configs(kernel: str, head_dim: int) -> list[tuple[int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) the launcher may run for this head dim."""
-    from aligner_kernels import backward, configs
+    from aligner_kernels import configs
 
-    if kernel == "bwd_prefix":  # not autotuned: see aligner_attention_backward
-        return [(backward.PREFIX_BLOCK_M, 16, 4, 2)]
+    if kernel == "bwd_prefix":  # not autotuned: see configs.PREFIX_REDUCTION_CONFIG
+        config = configs.PREFIX_REDUCTION_CONFIG
+        return [(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)]
     if kernel == "decode_combine":  # not autotuned (and has no BLOCK_N): see aligner_attention_decode
         return [(configs.DECODE_BLOCK_M, None, 4, 1)]
     table = {
