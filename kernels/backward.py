@@ -59,6 +59,22 @@ def prefix_probabilities(q, pk, offs_p, num_prefix, lse_prefix, qk_scale, DOT_PR
 
 
 @triton.jit
+def prefix_chunk(
+    q, do, pk_ptrs, pv_ptrs, stride_pkn, stride_pvn, start_p, offs_d, num_prefix, lse_prefix, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One chunk of BLOCK_P prefix tokens for a block of query rows: PK, the probabilities A
+    (recomputed from the stored LSE) and dO . PV^T, which every prefix gradient is made of."""
+    offs_p = start_p + tl.arange(0, BLOCK_P)
+    p_mask = (offs_p[:, None] < num_prefix) & (offs_d[None, :] < HEAD_DIM)
+    pk = tl.load(pk_ptrs + offs_p[:, None] * stride_pkn, mask=p_mask, other=0.0)
+    pv = tl.load(pv_ptrs + offs_p[:, None] * stride_pvn, mask=p_mask, other=0.0)
+    a = prefix_probabilities(q, pk, offs_p, num_prefix, lse_prefix, qk_scale, DOT_PRECISION)
+    dp = tl.dot(do, tl.trans(pv), input_precision=DOT_PRECISION)
+    return pk, a, dp
+
+
+@triton.jit
 def aligner_attention_bwd_delta_kernel(
     Q,
     PK,
@@ -131,12 +147,10 @@ def aligner_attention_bwd_delta_kernel(
         delta_prefix = tl.zeros([BLOCK_M], dtype=tl.float32)
         # dO . O_pre = sum_n A_n (dO . PV_n): O_pre itself is never formed.
         for start_p in range(0, num_prefix, BLOCK_P):
-            offs_p = start_p + tl.arange(0, BLOCK_P)
-            p_mask = (offs_p[:, None] < num_prefix) & (offs_d[None, :] < HEAD_DIM)
-            pk = tl.load(pk_ptrs + offs_p[:, None] * stride_pkn, mask=p_mask, other=0.0)
-            pv = tl.load(pv_ptrs + offs_p[:, None] * stride_pvn, mask=p_mask, other=0.0)
-            a = prefix_probabilities(q, pk, offs_p, num_prefix, lse_prefix, qk_scale, DOT_PRECISION)
-            dp = tl.dot(do, tl.trans(pv), input_precision=DOT_PRECISION)
+            chunk_pk, a, dp = prefix_chunk(  # PK unused here; not `_`, an int32 earlier in this kernel
+                q, do, pk_ptrs, pv_ptrs, stride_pkn, stride_pvn, start_p, offs_d, num_prefix, lse_prefix,
+                qk_scale, HEAD_DIM, BLOCK_P, DOT_PRECISION,
+            )  # fmt: skip
             delta_prefix += tl.sum(a * dp, 1)
     gate = tl.load(Gate + b * stride_gb + head)
     tl.store(DeltaMain + row_offset, delta - gate * delta_prefix, mask=row_mask)
@@ -278,12 +292,10 @@ def aligner_attention_bwd_dq_kernel(
         pk_ptrs = PK + b * stride_pkb + kv_head * stride_pkh + offs_d[None, :]
         pv_ptrs = PV + b * stride_pvb + kv_head * stride_pvh + offs_d[None, :]
         for start_p in range(0, num_prefix, BLOCK_P):
-            offs_p = start_p + tl.arange(0, BLOCK_P)
-            p_mask = (offs_p[:, None] < num_prefix) & (offs_d[None, :] < HEAD_DIM)
-            pk = tl.load(pk_ptrs + offs_p[:, None] * stride_pkn, mask=p_mask, other=0.0)
-            pv = tl.load(pv_ptrs + offs_p[:, None] * stride_pvn, mask=p_mask, other=0.0)
-            a = prefix_probabilities(q, pk, offs_p, num_prefix, lse_prefix, qk_scale, DOT_PRECISION)
-            dp = tl.dot(do, tl.trans(pv), input_precision=DOT_PRECISION)
+            pk, a, dp = prefix_chunk(
+                q, do, pk_ptrs, pv_ptrs, stride_pkn, stride_pvn, start_p, offs_d, num_prefix, lse_prefix,
+                qk_scale, HEAD_DIM, BLOCK_P, DOT_PRECISION,
+            )  # fmt: skip
             dt = gate * a * (dp - delta_prefix[:, None])
             dq += tl.dot(dt.to(pk.dtype), pk, input_precision=DOT_PRECISION)
 
