@@ -13,6 +13,7 @@ resident memory, against the raw size of its tensors.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import tempfile
 import time
@@ -24,10 +25,10 @@ import aligner
 from aligner import AlignerBank
 
 try:
-    from .common import benchmark_parser, run_and_record
+    from .common import benchmark_parser, run_and_record, timed_call
     from .models import load_model
 except ImportError:
-    from common import benchmark_parser, run_and_record
+    from common import benchmark_parser, run_and_record, timed_call
     from models import load_model
 
 
@@ -105,32 +106,36 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
     index = torch.randperm(len(bank), generator=gen)[: args.prompts].to(device)
     options = {"max_new_tokens": args.new_tokens, "do_sample": False, "pad_token_id": 0}
 
-    times: dict[str, list[float]] = {"base": [], "bank": []}
+    def generate(method: str) -> None:
+        if method == "base":
+            with aligner.disabled(model):
+                model.generate(**batch, **options)
+        else:
+            model.generate(**batch, **options, aligner_index=index)
+
+    wall: dict[str, list[float]] = {"base": [], "bank": []}
+    cpu: dict[str, list[float]] = {"base": [], "bank": []}
     for round_index in range(args.rounds + 1):  # round 0 warms up
         order = ("base", "bank") if round_index % 2 == 0 else ("bank", "base")
         for method in order:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            if method == "base":
-                with aligner.disabled(model):
-                    model.generate(**batch, **options)
-            else:
-                model.generate(**batch, **options, aligner_index=index)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            wall_s, cpu_s = timed_call(functools.partial(generate, method), device)
             if round_index:
-                times[method].append(time.perf_counter() - start)
+                wall[method].append(wall_s)
+                if cpu_s is not None:
+                    cpu[method].append(cpu_s)
     after = resident_mb()
-    base = statistics.median(times["base"])
     rows = []
     for method in ("base", "bank"):
-        elapsed = statistics.median(times[method])
-        rows.append({
+        elapsed = statistics.median(wall[method])
+        row = {
             "model": args.model, "method": method, "batch": args.prompts, "new_tokens": args.new_tokens,
             "bank_size": args.bank_size if method == "bank" else None,
-            "tokens_per_s": args.prompts * args.new_tokens / elapsed, "vs_base": base / elapsed,
-        })  # fmt: skip
+            "tokens_per_s": args.prompts * args.new_tokens / elapsed,
+            "vs_base": statistics.median(wall["base"]) / elapsed,
+        }  # fmt: skip
+        if cpu[method]:  # tokens/s by process CPU time: the ratio that other jobs' load does not move
+            row["vs_base_cpu_time"] = statistics.median(cpu["base"]) / statistics.median(cpu[method])
+        rows.append(row)
     rows.append({
         "model": args.model, "method": "bank memory", "bank_size": args.bank_size,
         "bank_dtype": args.bank_dtype, "bank_load_s": load_seconds, "bank_raw_mb": raw_mb,

@@ -20,7 +20,6 @@ import functools
 import itertools
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +27,10 @@ import torch.nn.functional as F
 import aligner
 
 try:
-    from .common import benchmark_parser, median_ms, run_and_record
+    from .common import benchmark_parser, median_ms, run_and_record, timed_call
     from .models import load_model
 except ImportError:
-    from common import benchmark_parser, median_ms, run_and_record
+    from common import benchmark_parser, median_ms, run_and_record, timed_call
     from models import load_model
 
 DECODE_METHODS = ("base", "aligner-1-merged", "aligner-1", "aligner-10")
@@ -112,28 +111,35 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
     rows = []
     for batch in args.batches:
         prompt = torch.randint(0, model.config.vocab_size, (batch, args.prompt_length), device=device)
-        times = {method: [] for method in args.methods}
+        wall = {method: [] for method in args.methods}
+        cpu = {method: [] for method in args.methods}
         for round_index in range(args.rounds + 1):  # round 0 warms up
             order = args.methods if round_index % 2 == 0 else args.methods[::-1]
             for method in order:
                 _setup(model, method)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                run = functools.partial(
+                    model.generate, prompt, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0
+                )
+                wall_s, cpu_s = timed_call(run, device)
                 if round_index:
-                    times[method].append(time.perf_counter() - start)
-        base = statistics.median(times["base"]) if "base" in times else None
-        for method in args.methods:
-            elapsed = statistics.median(times[method])
-            rows.append({
-                "model": args.model, "method": method, "batch": batch, "new_tokens": args.new_tokens,
-                "tokens_per_s": batch * args.new_tokens / elapsed,
-                "vs_base": elapsed / base if base else None,
-            })  # fmt: skip
+                    wall[method].append(wall_s)
+                    if cpu_s is not None:
+                        cpu[method].append(cpu_s)
+        rows += [_throughput_row(args, method, batch, wall, cpu) for method in args.methods]
     return rows
+
+
+def _throughput_row(args, method: str, batch: int, wall: dict, cpu: dict) -> dict:
+    """Tokens/s of ``method`` and, against the base model, the tokens/s ratio by wall time and (on
+    the CPU) by process CPU time, the one that does not move with other jobs' load."""
+    elapsed = statistics.median(wall[method])
+    row = {"model": args.model, "method": method, "batch": batch, "new_tokens": args.new_tokens,
+           "tokens_per_s": batch * args.new_tokens / elapsed}  # fmt: skip
+    if "base" in wall:
+        row["vs_base"] = statistics.median(wall["base"]) / elapsed
+        if cpu[method]:
+            row["vs_base_cpu_time"] = statistics.median(cpu["base"]) / statistics.median(cpu[method])
+    return row
 
 
 def parser() -> argparse.ArgumentParser:

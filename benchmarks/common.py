@@ -56,6 +56,23 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, r
     return statistics.median(times)
 
 
+def timed_call(fn: Callable[[], object], device: torch.device) -> tuple[float, float | None]:
+    """Seconds of wall time and of this process's CPU time (all threads) that ``fn`` takes.
+
+    On a shared CPU machine the wall time also counts the time other jobs hold the cores, so the
+    ratio of two methods moves with the load; the process CPU time counts only the work done, and
+    is what CPU comparisons should read (with ``OMP_NUM_THREADS=1`` it is the single thread's time).
+    On a GPU only the wall time means anything (CPU time is None)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return time.perf_counter() - wall, None
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
     """Peak device memory allocated while ``fn`` runs, above what was allocated before (GPU only)."""
     if device.type != "cuda":

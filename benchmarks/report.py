@@ -25,7 +25,8 @@ SECTIONS = {
                    "fwd_bwd_ms", "tflops", "peak_mib", "skipped"]),
     "training": ("Training step",
                  ["model", "method", "trainable", "batch", "step_s", "tokens_per_s", "vs_floor", "peak_mib"]),
-    "decode": ("Decoding", ["model", "method", "batch", "new_tokens", "tokens_per_s", "vs_base"]),
+    "decode": ("Decoding",
+               ["model", "method", "batch", "new_tokens", "tokens_per_s", "vs_base", "vs_base_cpu_time"]),
 }  # fmt: skip
 
 

@@ -51,3 +51,7 @@ def test_decode_rows(benchmark, tmp_path):
     assert {(row["method"], row["batch"]) for row in rows} == {
         (method, batch) for method in bench_decode.DECODE_METHODS for batch in (1, 2)
     }
+    # On the CPU every row carries the tokens/s ratio by process CPU time (the load-proof one).
+    base = {row["batch"]: row for row in rows if row["method"] == "base"}
+    assert all(row["vs_base"] == 1.0 and row["vs_base_cpu_time"] == 1.0 for row in base.values())
+    assert all(row["vs_base_cpu_time"] > 0 for row in rows)
