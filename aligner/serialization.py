@@ -205,6 +205,12 @@ def _config(base: dict[str, Any], num_tokens: int, start_layer: int, **extra: An
     }
 
 
+def is_sharded(model) -> bool:
+    """Whether the Aligner of ``model`` is sharded by FSDP2 (``fully_shard``): saving it then gathers
+    the shards, a collective that every rank must take part in."""
+    return any(hasattr(param, "device_mesh") for param in aligner_parameters(model).values())
+
+
 def _whole(tensor: Tensor) -> Tensor:
     """The whole tensor. FSDP2 (``fully_shard``) holds each rank's shard of a parameter in a DTensor;
     gathering it is a collective, so on a sharded model every rank must call ``save``."""

@@ -25,6 +25,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -198,6 +199,8 @@ def _shard(model):
 def _fsdp(rank: int, out: Path) -> None:
     from torch.distributed.tensor import DTensor
 
+    from aligner.training.trainer import AlignerTrainer
+
     # Reference: the same model, unsharded, trained on the global batch (both ranks' rows).
     reference = _nonzero_gates(aligner.patch(_tiny_model(), num_tokens=2))
     # patch first, then shard: FSDP2 then owns the Aligner's parameters and reduces their gradients.
@@ -217,7 +220,18 @@ def _fsdp(rank: int, out: Path) -> None:
             optimizer.zero_grad()
     trained = out / "trained"
     aligner.save(model, trained)  # gathers the shards: a collective, every rank calls it
+    # The Trainer's save_model on a sharded model: only rank 0 "should save", yet every rank must
+    # gather (the main process alone would hang); the result is the same Aligner.
+    trainer = SimpleNamespace(
+        args=SimpleNamespace(should_save=rank == 0, output_dir=str(out / "by-trainer")),
+        accelerator=SimpleNamespace(unwrap_model=lambda m: m),
+        model=model,
+    )
+    AlignerTrainer.save_model(trainer)
     _all_gather(torch.zeros(1))  # both ranks have written before anyone reads
+    by_trainer, direct = _weights(out / "by-trainer"), _weights(trained)
+    assert by_trainer.keys() == direct.keys()
+    assert all(torch.equal(by_trainer[name], direct[name]) for name in direct)
     saved = aligner.load(_tiny_model(), trained)
     for name, param in aligner.aligner_parameters(reference).items():
         torch.testing.assert_close(aligner.aligner_parameters(saved)[name], param, rtol=1e-4, atol=1e-6)

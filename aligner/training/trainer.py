@@ -37,7 +37,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from ..files import write_atomic
 from ..outputs import OutputDir
 from ..patch import disabled
-from ..serialization import load, save
+from ..serialization import is_sharded, load, save
 
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss_curve.png"
@@ -74,8 +74,11 @@ class AlignerTrainer(Trainer):
             self.add_callback(QuietProgressCallback)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        if self.args.should_save:
-            save(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
+        model = self.accelerator.unwrap_model(self.model)
+        # Gathering FSDP2 shards is a collective: were only the main process to save, it would wait
+        # forever for the others. Sharded, every rank saves (the same bytes, each file atomically).
+        if self.args.should_save or is_sharded(model):
+            save(model, output_dir or self.args.output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         load(
