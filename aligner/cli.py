@@ -407,6 +407,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _report(console: Console, summary: dict[str, Any], output_dir: str) -> None:
+    if not _is_main_process():  # under torchrun one summary, from the rank that wrote the Aligner
+        return
     text = (
         f"done: {summary['steps']} steps, train loss {_number(summary['train_loss'])}, "
         f"{summary['trainable_parameters']} trainable parameters, {_number(summary.get('seconds'))} s; "

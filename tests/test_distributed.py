@@ -379,6 +379,7 @@ def test_cli_torchrun_two_ranks_equals_one_process(tmp_path, reaper):
         output, _ = process.communicate()
         pytest.fail(f"torchrun did not finish in {TORCHRUN_SECONDS} s (killed):\n{output[-3000:]}")
     assert process.returncode == 0, output[-3000:]
+    assert output.count("done: 3 steps") == 1, f"one summary (rank 0's), not one per rank:\n{output[-3000:]}"
 
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert [step for step, _ in two] == [1, 2, 3], "rank 0 alone writes metrics.jsonl, one line per step"
