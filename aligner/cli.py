@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_arguments(chat)
     _generation_arguments(chat)
-    chat.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars at all")
+    _output_arguments(chat)
     add_bank_option(gen)  # bank: aligner/bank_cli.py
     add_bank_option(chat)
     add_bank_commands(commands)
@@ -562,7 +562,10 @@ def cmd_chat(args: argparse.Namespace, console: Console) -> None:
             progress=False,
         )[0]
         history.append({"role": "assistant", "content": answer})
-        print(f"aligner> {answer}" if interactive else answer, flush=True)
+        console.emit(
+            {"event": "reply", "prompt": line, "reply": answer},
+            f"aligner> {answer}" if interactive else answer,
+        )
 
 
 def cmd_merge(args: argparse.Namespace, console: Console) -> None:

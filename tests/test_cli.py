@@ -213,6 +213,13 @@ def test_generate_and_chat(model_dir, trained, tmp_path, capsys, monkeypatch):
     code, stdout, err = run_cli(capsys, "chat", model_dir, "--aligner", trained, "--max-new-tokens", "3")
     assert code == 0, err
     assert len(stdout.strip("\n").split("\n")) == 2  # two answers, then /exit
+    monkeypatch.setattr(sys, "stdin", io.StringIO("name a color\n"))
+    code, stdout, err = run_cli(
+        capsys, "chat", model_dir, "--aligner", trained, "--max-new-tokens", "3", "--json"
+    )
+    assert code == 0, err
+    [reply] = json_lines(stdout)
+    assert reply["event"] == "reply" and reply["prompt"] == "name a color" and isinstance(reply["reply"], str)
 
 
 def test_merge_writes_a_plain_model_with_the_same_outputs(model_dir, trained, tmp_path, capsys):
