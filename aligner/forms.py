@@ -9,7 +9,9 @@ words, so that a reply always fits its token budget) put in a form: a JSON objec
 Three instruction sets, all written for this project:
 
 - ``TRAIN_INSTRUCTIONS``: questions of many kinds (facts, numbers, why / how, yes-no,
-  comparisons, definitions, advice);
+  comparisons, definitions, advice) and short tasks (sentiment, picking the odd one out, unit
+  conversion, completing a phrase, filling a blank, extraction, spelling, plurals, analogies,
+  acronyms, riddles, arithmetic, ordering, true or false), several with quotes in their answers;
 - ``HELDOUT_INSTRUCTIONS``: more questions like those (the held-out set "like training");
 - ``CARRY_INSTRUCTIONS``: kinds that never occur in training (imperatives, lists, translation,
   rewriting, multi-part questions): does the form carry to them?
@@ -140,6 +142,46 @@ What is the best way to learn to swim?
 What is the difference between weather and climate?
 What is the difference between a lake and a sea?
 Who is known as the father of computers?
+Is this review positive or negative: The food was cold and the waiter was rude.
+Is this review positive or negative: I loved every minute of the movie.
+Is this sentence happy or sad: My best friend moved away today.
+Which one is a vegetable: apple, carrot, or banana?
+Which of these animals lives in water: a horse, a dolphin, or a goat?
+Which word does not belong: red, blue, table, green?
+How many centimeters are in a meter?
+Convert 2 hours into minutes.
+Convert 3 kilometers into meters.
+How many grams are in a kilogram?
+Complete the sentence: An apple a day keeps the...
+Complete the phrase: Actions speak louder than...
+Fill in the blank: The sun rises in the ___.
+Fill in the blank: A group of lions is called a ___.
+What is the name of the person in this sentence: Maria went to the market to buy bread.
+In the sentence "The red car stopped at the corner", what color is the car?
+How many letters are in the word "house"?
+Spell the word "dog" backwards.
+What is the first letter of the word "elephant"?
+What is the plural of "mouse"?
+What is the past tense of "run"?
+Hot is to cold as up is to what?
+Bird is to nest as bee is to what?
+What does NASA stand for?
+What does the abbreviation "etc." mean?
+What has keys but cannot open locks?
+What has hands but cannot clap?
+Calculate 15 minus 7.
+Calculate 12 divided by 4.
+Put these numbers in order from smallest to largest: 9, 2, 5.
+What day comes after Monday?
+What month comes before June?
+True or false: Fish can breathe air.
+True or false: The Sun rises in the east.
+What do apples, bananas and cherries have in common?
+What is the output of 2 + 3 in Python?
+Which punctuation mark ends a question?
+Rate the difficulty of climbing Mount Everest from 1 to 10.
+Guess the animal: it has a trunk and big ears.
+Pick the larger number: 48 or 84.
 """)
 
 HELDOUT_INSTRUCTIONS = _lines("""
@@ -163,6 +205,16 @@ Which planet is closest to the Sun?
 What is the capital of Australia?
 What is the difference between a frog and a toad?
 What is the opposite of up?
+Is this review positive or negative: The hotel room was clean and cozy.
+Convert 5 meters into centimeters.
+Complete the sentence: Better late than...
+How many letters are in the word "garden"?
+What is the plural of "child"?
+Cat is to kitten as dog is to what?
+True or false: Snow is hot.
+What has a neck but no head?
+Calculate 6 plus 9.
+Which one is a fruit: potato, onion, or mango?
 """)
 
 # Kinds absent from training: imperatives, lists, translation, rewriting, multi-part questions.
