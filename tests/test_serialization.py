@@ -175,6 +175,20 @@ def test_torn_temporary_file_is_removed(tmp_path, monkeypatch):
     assert snapshot(tmp_path) == before
 
 
+def test_append_line_adds_whole_lines(tmp_path, monkeypatch):
+    """files.append_line (metrics.jsonl): creates the file, appends, finishes a short os.write."""
+    path = tmp_path / "metrics.jsonl"
+    files.append_line(path, '{"step": 1}')
+    files.append_line(path, '{"step": 2}')
+    real_write = os.write
+    monkeypatch.setattr(files.os, "write", lambda fd, data: real_write(fd, data[:3]))
+    files.append_line(path, '{"note": "ünïcode"}')
+    assert path.read_text(encoding="utf-8") == '{"step": 1}\n{"step": 2}\n{"note": "ünïcode"}\n'
+    new_file = tmp_path / "new-file"
+    new_file.touch()
+    assert path.stat().st_mode & 0o777 == new_file.stat().st_mode & 0o777  # the usual mode of a new file
+
+
 def test_torn_pair_of_files_is_detected(tmp_path, monkeypatch):
     """A crash between the two renames leaves new weights beside the old config: load refuses it."""
     save(trained(base_model(), seed=1), tmp_path)
