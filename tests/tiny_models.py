@@ -39,7 +39,7 @@ SAVED = dict(
     eos_token_id=0,
     pad_token_id=0,
 )
-# What the tokenizer is trained on; the training tests' data uses these words.
+# What the tokenizer is trained on: the words of the tests' prompts and replies.
 WORDS = (
     "the a cat dog sat on mat what is capital of france paris name color red blue green answer yes no "
     "how many legs does spider have eight bees make honey good bad safe unsafe reply please tell me"
