@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .files import write_atomic
 from .forms import (
     CARRY_INSTRUCTIONS,
     FORMS,
@@ -50,9 +50,7 @@ def _random_bank(bank: Any, count: int, seed: int) -> Any:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

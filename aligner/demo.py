@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -29,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .files import write_atomic
 from .forms import (
     CARRY_INSTRUCTIONS,
     FORMS,
@@ -110,7 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     trainable = sum(p.numel() for p in aligner_parameters(model).values())
     save(model, out / "aligner")
-    shutil.copyfile(out / "aligner" / "loss_curve.png", out / "loss_curve.png")
+    write_atomic(out / "loss_curve.png", (out / "aligner" / "loss_curve.png").read_bytes())
     metrics = {
         "task": 'form adaptation: reply with the model\'s own answer as {"answer": ...}',
         "heldout_sets": SPLITS,
@@ -131,9 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for split in SPLITS
         },
     }
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "metrics.json")
+    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
 
     names = {"base": "base model", "prompted": "base + form in system prompt", "aligner": "Aligner (N=1)"}
     print()

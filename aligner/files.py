@@ -60,6 +60,20 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     return path
 
 
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append ``line`` and a newline to ``path`` (created if missing) in one write, flushed to disk:
+    for logs such as ``metrics.jsonl``, which grow by whole lines and are never rewritten."""
+    data = (line + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        written = 0
+        while written < len(data):  # os.write may write less than asked
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def replacing(path: str | os.PathLike) -> Iterator[Path]:
     """For writers that take a file name (safetensors' ``save_file``, ...): yields a fresh temporary

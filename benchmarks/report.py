@@ -9,8 +9,11 @@ the device and date its numbers came from. The section sits between the README m
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
+
+from aligner.files import write_atomic
 
 try:
     from .common import RESULTS_DIR, markdown_table
@@ -55,9 +58,10 @@ def plot_attention(payload: dict, path: Path) -> Path | None:
     axis.set_title(payload["environment"]["device"], fontsize=9)
     axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=120)
     plt.close(figure)
-    return path
+    return write_atomic(path, image.getvalue())
 
 
 def render(results_dir: Path = RESULTS_DIR) -> str:
@@ -80,12 +84,13 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
 
 
 def update_readme(readme: Path = README, results_dir: Path = RESULTS_DIR) -> None:
-    text = readme.read_text()
+    """Replace the results section of ``readme`` atomically (a crash leaves the old README)."""
+    text = readme.read_text(encoding="utf-8")
     if START not in text or END not in text:
         raise ValueError(f"{readme} has no {START} ... {END} markers")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(head + render(results_dir) + tail)
+    write_atomic(readme, head + render(results_dir) + tail)
 
 
 if __name__ == "__main__":

@@ -37,19 +37,22 @@ def make_inputs(
     dtype=torch.float32,
     seed=0,
     seqlens=None,
+    device=DEVICE,
+    requires_grad=True,
 ):
-    """Random (q, k, v, prefix_k, prefix_v, gate) with gradients enabled; gate (heads,), or
-    (batch, heads) with ``gate_per_sequence``.
+    """Random (q, k, v, prefix_k, prefix_v, gate) on ``device``, leaf tensors with gradients enabled
+    unless ``requires_grad=False``, and a dict of keyword arguments (empty, or the cu_seqlens).
 
-    With ``seqlens`` (a list of (len_q, len_k)) the tensors are packed and cu_seqlens are returned.
+    gate is (heads,), or (batch, heads) with ``gate_per_sequence``; fp32, or fp64 when ``dtype`` is
+    (for gradcheck). With ``seqlens`` (a list of (len_q, len_k)) the tensors are packed.
     """
     gen = torch.Generator().manual_seed(seed)
 
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen).to(DEVICE, dtype).requires_grad_()
+    def rand(*shape, dtype=dtype):
+        return torch.randn(*shape, generator=gen).to(device, dtype).requires_grad_(requires_grad)
 
     if seqlens is None:
-        seqlen_k = seqlen_k or seqlen_q
+        seqlen_k = seqlen_q if seqlen_k is None else seqlen_k
         q = rand(batch, seqlen_q, heads, head_dim)
         k, v = rand(batch, seqlen_k, kv_heads, head_dim), rand(batch, seqlen_k, kv_heads, head_dim)
         varlen = {}
@@ -59,7 +62,7 @@ def make_inputs(
         q = rand(total_q, heads, head_dim)
         k, v = rand(total_k, kv_heads, head_dim), rand(total_k, kv_heads, head_dim)
         cu = [
-            torch.tensor([0] + [s[i] for s in seqlens]).cumsum(0, dtype=torch.int32).to(DEVICE)
+            torch.tensor([0] + [s[i] for s in seqlens]).cumsum(0, dtype=torch.int32).to(device)
             for i in (0, 1)
         ]
         varlen = {"cu_seqlens_q": cu[0], "cu_seqlens_k": cu[1]}
@@ -68,7 +71,7 @@ def make_inputs(
     )
     prefix_k, prefix_v = rand(*prefix_shape), rand(*prefix_shape)
     gate_shape = (batch, heads) if gate_per_sequence else (heads,)
-    gate = torch.randn(*gate_shape, generator=gen).to(DEVICE).requires_grad_()
+    gate = rand(*gate_shape, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     return (q, k, v, prefix_k, prefix_v, gate), varlen
 
 

@@ -9,39 +9,27 @@ import os
 
 import pytest
 import torch
-import transformers
+from tiny_models import DEFAULTS, randomize_aligner, save_tiny_model, tiny_model
 
 import aligner
 from aligner import AlignerBank
 
-VOCAB = 97
+VOCAB = DEFAULTS["vocab_size"]
 
 
-def tiny_model(kv_heads: int = 2, layers: int = 3, hidden: int = 64, seed: int = 0):
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=96, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=128,
-        attention_bias=True, tie_word_embeddings=False,
-    )  # fmt: skip
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+def base_model(**fields):
+    """tiny_model with attention biases; generate runs to max_new_tokens (no EOS)."""
+    model = tiny_model(attention_bias=True, **fields)
     model.generation_config.eos_token_id = None
     return model
 
 
 def save_random_aligners(model, directory, count: int, num_tokens: int, start_layer: int = 1):
     """``count`` saved Aligners with random, clearly non-zero values; returns their directories."""
-    model = copy.deepcopy(model)
-    aligner.patch(model, num_tokens=num_tokens, start_layer=start_layer)
-    paths = []
-    for k in range(count):
-        gen = torch.Generator().manual_seed(100 + k)
-        with torch.no_grad():
-            for param in aligner.aligner_parameters(model).values():
-                param.copy_(torch.randn(param.shape, generator=gen))
-        paths.append(aligner.save(model, directory / f"aligner{k}"))
-    return paths
+    model = aligner.patch(copy.deepcopy(model), num_tokens=num_tokens, start_layer=start_layer)
+    return [
+        aligner.save(randomize_aligner(model, seed=100 + k), directory / f"aligner{k}") for k in range(count)
+    ]
 
 
 def left_padded(lengths: list[int], seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +58,7 @@ def generate_logits(model, ids, mask, **kwargs) -> tuple[torch.Tensor, torch.Ten
 
 
 def make_bank(num_tokens: int, directory):
-    model = tiny_model()
+    model = base_model()
     paths = save_random_aligners(model, directory, 3, num_tokens)
     return model, paths, AlignerBank.from_aligners(paths)
 
@@ -220,7 +208,7 @@ def test_bank_errors(setup1, tmp_path):
     with pytest.raises(ValueError, match="needs a bank on the model"):
         plain(ids, aligner_index=torch.tensor([0, 0]))
 
-    other_base = tiny_model(kv_heads=4)
+    other_base = base_model(num_key_value_heads=4)
     with pytest.raises(ValueError, match=r"bank was made for .* \(differs in num_key_value_heads\)"):
         aligner.attach_bank(other_base, bank)
     other_n = aligner.patch(copy.deepcopy(model), num_tokens=bank.num_tokens + 1, start_layer=1)
@@ -268,7 +256,7 @@ def test_bank_command_line(tmp_path, capsys, monkeypatch):
     import io
     import sys
 
-    from test_training import save_tiny_model, write_jsonl
+    from test_training import write_jsonl
     from transformers import AutoModelForCausalLM
 
     from aligner.cli import main
@@ -340,7 +328,6 @@ def test_bank_demo_toy_size(tmp_path, capsys):
     ones, one mixed batch printed with its form checks, metrics written. (Forms are not learnt at
     this size; `make bank-demo` on SmolLM2 is the real run.)"""
     pytest.importorskip("datasets", reason="needs the train extra: pip install -e '.[train]'")
-    from test_training import save_tiny_model
 
     from aligner import bank_demo
 

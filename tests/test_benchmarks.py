@@ -16,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import bench_attention  # noqa: E402
 import bench_decode  # noqa: E402
 import bench_training  # noqa: E402
+import report  # noqa: E402
+from common import write_results  # noqa: E402
 
 
 def test_attention_rows(benchmark, tmp_path):
@@ -55,3 +57,27 @@ def test_decode_rows(benchmark, tmp_path):
     base = {row["batch"]: row for row in rows if row["method"] == "base"}
     assert all(row["vs_base"] == 1.0 and row["vs_base_cpu_time"] == 1.0 for row in base.values())
     assert all(row["vs_base_cpu_time"] > 0 for row in rows)
+
+
+def test_report_rewrites_only_the_results_section(tmp_path):
+    results = tmp_path / "results"
+    write_results("training-test", [{"model": "tiny", "method": "floor", "step_s": 0.5}], results)
+    write_results(
+        "attention-test", [{"method": "aligner", "seqlen": 32, "num_tokens": 1, "tflops": 0.01}], results
+    )
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# head\n{report.START}\nold table\n{report.END}\ntail\n", encoding="utf-8")
+    report.update_readme(readme, results)
+    text = readme.read_text(encoding="utf-8")
+    assert text.startswith(f"# head\n{report.START}") and text.endswith(f"{report.END}\ntail\n")
+    assert "old table" not in text and "| tiny | floor | 0.5 |" in text
+    assert "![Attention kernels (forward+backward)](benchmarks/results/attention-test.png)" in text
+    assert (results / "attention-test.png").read_bytes().startswith(b"\x89PNG")
+    # written through aligner.files: no temporary file is left beside the README or the plot
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "results"]
+    assert not [p.name for p in results.iterdir() if p.name.startswith(".")]
+
+    readme.write_text("no markers\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="has no <!-- results:start -->"):
+        report.update_readme(readme, results)
+    assert readme.read_text(encoding="utf-8") == "no markers\n"

@@ -15,7 +15,8 @@ import torch
 pytest.importorskip("datasets", reason="needs the train extra: pip install -e '.[train]'")
 pytest.importorskip("matplotlib", reason="needs the train extra: pip install -e '.[train]'")
 
-from test_training import ALPACA_ROWS, save_tiny_model, write_jsonl  # noqa: E402
+from test_training import ALPACA_ROWS, write_jsonl  # noqa: E402
+from tiny_models import save_tiny_model  # noqa: E402
 
 import aligner  # noqa: E402
 from aligner.cli import EXIT_ERROR, build_parser, main  # noqa: E402
@@ -351,7 +352,7 @@ def test_bad_training_data(model_dir, tmp_path, capsys, content, message):
 def test_aligner_for_another_base_is_refused(model_dir, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    other_dir = save_tiny_model(tmp_path / "other", layers=3, hidden=48)
+    other_dir = save_tiny_model(tmp_path / "other", num_hidden_layers=3, hidden_size=48, intermediate_size=96)
     other = aligner.save(
         aligner.patch(AutoModelForCausalLM.from_pretrained(other_dir)), tmp_path / "other-aligner"
     )
@@ -442,7 +443,9 @@ def test_checks_before_the_model_loads(model_dir, trained, tmp_path, capsys, no_
 
     data = write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS)
     train = ["train", model_dir, "--data", data, "--output-dir", tmp_path / "out"]
-    other_dir = save_tiny_model(tmp_path / "other-base", layers=3, hidden=48)
+    other_dir = save_tiny_model(
+        tmp_path / "other-base", num_hidden_layers=3, hidden_size=48, intermediate_size=96
+    )
     other = aligner.save(aligner.patch(AutoModelForCausalLM.from_pretrained(other_dir)), tmp_path / "other")
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "not-an-aligner").mkdir()

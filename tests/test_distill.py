@@ -14,7 +14,8 @@ import torch
 pytest.importorskip("datasets", reason="needs the train extra: pip install -e '.[train]'")
 pytest.importorskip("matplotlib", reason="needs the train extra: pip install -e '.[train]'")
 
-from test_training import save_tiny_model, write_jsonl  # noqa: E402
+from test_training import write_jsonl  # noqa: E402
+from tiny_models import save_tiny_model  # noqa: E402
 
 import aligner  # noqa: E402
 from aligner.cli import EXIT_ERROR, main  # noqa: E402

@@ -29,11 +29,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_models import save_tiny_model, tiny_model
 
 import aligner
 
 WORLD = 2
 VOCAB = 300
+# Each rank builds the same random model (tiny_models.tiny_model, seed 0).
+MODEL = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, max_position_embeddings=64
+)
 # Generous, because the 2 CI cores may be shared: each rank imports transformers (~7 s of CPU),
 # and these limits only have to turn a hang into a failure.
 TIMEOUT = timedelta(seconds=120)  # every collective of the process group
@@ -113,22 +118,6 @@ def _finish() -> None:
     os._exit(0)
 
 
-def _tiny_model(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
-
-
 def _nonzero_gates(model, seed: int = 1):
     """Non-zero gates, so that the prefix tokens get gradients from the first step."""
     generator = torch.Generator().manual_seed(seed)
@@ -162,7 +151,7 @@ def _all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
 def _ddp(rank: int, out: Path) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
-    model = _nonzero_gates(aligner.patch(_tiny_model(), num_tokens=2))
+    model = _nonzero_gates(aligner.patch(tiny_model(**MODEL), num_tokens=2))
     params = aligner.aligner_parameters(model)
     ddp = DistributedDataParallel(model)
     optimizer = torch.optim.AdamW(list(params.values()), lr=0.05)
@@ -202,9 +191,9 @@ def _fsdp(rank: int, out: Path) -> None:
     from aligner.training.trainer import AlignerTrainer
 
     # Reference: the same model, unsharded, trained on the global batch (both ranks' rows).
-    reference = _nonzero_gates(aligner.patch(_tiny_model(), num_tokens=2))
+    reference = _nonzero_gates(aligner.patch(tiny_model(**MODEL), num_tokens=2))
     # patch first, then shard: FSDP2 then owns the Aligner's parameters and reduces their gradients.
-    model = _shard(_nonzero_gates(aligner.patch(_tiny_model(), num_tokens=2)))
+    model = _shard(_nonzero_gates(aligner.patch(tiny_model(**MODEL), num_tokens=2)))
     params = aligner.aligner_parameters(model)
     assert all(isinstance(p, DTensor) for p in params.values()), "FSDP2 did not shard the Aligner"
     optimizers = [
@@ -232,17 +221,17 @@ def _fsdp(rank: int, out: Path) -> None:
     by_trainer, direct = _weights(out / "by-trainer"), _weights(trained)
     assert by_trainer.keys() == direct.keys()
     assert all(torch.equal(by_trainer[name], direct[name]) for name in direct)
-    saved = aligner.load(_tiny_model(), trained)
+    saved = aligner.load(tiny_model(**MODEL), trained)
     for name, param in aligner.aligner_parameters(reference).items():
         torch.testing.assert_close(aligner.aligner_parameters(saved)[name], param, rtol=1e-4, atol=1e-6)
 
     ids = _batch(7, rank)
     expected = saved(input_ids=ids).logits
     # load, then shard (the order for fine-tuning a saved Aligner further) ...
-    loaded_first = _shard(aligner.load(_tiny_model(), trained))
+    loaded_first = _shard(aligner.load(tiny_model(**MODEL), trained))
     torch.testing.assert_close(loaded_first(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
     # ... or load into an already sharded, patched model: each rank copies in its own shard.
-    sharded = _shard(aligner.patch(_tiny_model(), num_tokens=2))
+    sharded = _shard(aligner.patch(tiny_model(**MODEL), num_tokens=2))
     aligner.load(sharded, trained)
     torch.testing.assert_close(sharded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
     _log(out, rank, "fsdp2: trained like unsharded, saved, loaded")
@@ -339,7 +328,7 @@ def test_cli_torchrun_two_ranks_equals_one_process(tmp_path, reaper):
     both start from the same saved Aligner (non-zero gates, so every parameter learns from step 1).
     What remains is summation order (per-rank padding, the all-reduce)."""
     pytest.importorskip("datasets", reason="needs the train extra: pip install -e '.[train]'")
-    from test_training import ALPACA_ROWS, save_tiny_model, write_jsonl
+    from test_training import ALPACA_ROWS, write_jsonl
     from transformers import AutoModelForCausalLM
 
     from aligner.cli import main

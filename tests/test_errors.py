@@ -10,27 +10,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attention_cases import DEVICE
+from attention_cases import DEVICE, make_inputs
 
 from aligner import aligner_attention
 
 B, L, H, H_KV, D, N = 2, 5, 4, 2, 16, 3
+ARGUMENTS = ("q", "k", "v", "prefix_k", "prefix_v", "gate")
 
 
 def batched(batch=B, len_q=L, len_k=L, heads=H, kv_heads=H_KV, head_dim=D, num_prefix=N, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(0)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen).to(dtype)
-
-    return {
-        "q": randn(batch, len_q, heads, head_dim),
-        "k": randn(batch, len_k, kv_heads, head_dim),
-        "v": randn(batch, len_k, kv_heads, head_dim),
-        "prefix_k": randn(num_prefix, kv_heads, head_dim),
-        "prefix_v": randn(num_prefix, kv_heads, head_dim),
-        "gate": torch.randn(heads, generator=gen),
-    }
+    """CPU inputs without gradients (attention_cases.make_inputs), by argument name."""
+    inputs, _ = make_inputs(
+        batch=batch, seqlen_q=len_q, seqlen_k=len_k, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+        num_tokens=num_prefix, dtype=dtype, device="cpu", requires_grad=False,
+    )  # fmt: skip
+    return dict(zip(ARGUMENTS, inputs))
 
 
 def cu(*values):
@@ -38,12 +32,12 @@ def cu(*values):
 
 
 def packed(len_q=(3, 4), len_k=(3, 5)):
-    args = batched(batch=1, len_q=sum(len_q), len_k=sum(len_k))
-    for name in ("q", "k", "v"):
-        args[name] = args[name][0]
-    args["cu_seqlens_q"] = cu(0, *torch.tensor(len_q).cumsum(0).tolist())
-    args["cu_seqlens_k"] = cu(0, *torch.tensor(len_k).cumsum(0).tolist())
-    return args
+    """Packed CPU inputs and their cu_seqlens, by argument name."""
+    inputs, varlen = make_inputs(
+        seqlens=list(zip(len_q, len_k)), heads=H, kv_heads=H_KV, head_dim=D, num_tokens=N, device="cpu",
+        requires_grad=False,
+    )  # fmt: skip
+    return {**dict(zip(ARGUMENTS, inputs)), **varlen}
 
 
 def _to_test_device(x):

@@ -28,10 +28,9 @@ user_interprets = pytest.mark.skipif(
 
 
 def _cpu_inputs(**options):
-    inputs, varlen = make_inputs(
-        batch=2, seqlen_q=17, heads=2, kv_heads=1, head_dim=16, num_tokens=3, **options
+    return make_inputs(
+        batch=2, seqlen_q=17, heads=2, kv_heads=1, head_dim=16, num_tokens=3, device="cpu", **options
     )
-    return tuple(x.detach().cpu().requires_grad_() for x in inputs), varlen
 
 
 def _identities(namespace: dict) -> dict:

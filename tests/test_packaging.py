@@ -7,6 +7,7 @@ Hub kernels package) when one is installed.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -31,8 +32,10 @@ packages = ["kernels"]
 
 
 def _run(*command: str | Path, cwd: Path) -> str:
+    # Without the caller's PYTHONPATH: a checkout on it would shadow what the venv installed.
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     result = subprocess.run(
-        [str(part) for part in command], cwd=cwd, capture_output=True, text=True, timeout=300
+        [str(part) for part in command], cwd=cwd, capture_output=True, text=True, timeout=300, env=env
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout

@@ -9,48 +9,23 @@ import pytest
 import torch
 import transformers
 from attention_cases import DEVICE
+from tiny_models import DEFAULTS, llama2_7b_on_meta, randomize_aligner, tiny_model
 from torch import nn
 
 import aligner
 
-VOCAB = 97
-
+VOCAB = DEFAULTS["vocab_size"]
+# Attention layouts of the families the tests run on (the rest of the shape: tiny_models.DEFAULTS).
 CONFIGS = {
-    "llama-mha": (transformers.LlamaConfig, dict(num_attention_heads=4, num_key_value_heads=4)),
-    "llama-gqa-bias": (
-        transformers.LlamaConfig,
-        dict(num_attention_heads=4, num_key_value_heads=2, attention_bias=True),
-    ),
-    "mistral-mqa": (
-        transformers.MistralConfig,
-        dict(num_attention_heads=4, num_key_value_heads=1, sliding_window=None),
-    ),
-    "qwen2-gqa": (transformers.Qwen2Config, dict(num_attention_heads=4, num_key_value_heads=2)),
+    "llama-mha": dict(family="llama", num_key_value_heads=4),
+    "llama-gqa-bias": dict(family="llama", attention_bias=True),
+    "mistral-mqa": dict(family="mistral", num_key_value_heads=1, sliding_window=None),
+    "qwen2-gqa": dict(family="qwen2"),
 }
 
 
-def tiny_model(kind: str = "llama-gqa-bias", layers: int = 3, dtype=torch.float32, seed: int = 0):
-    config_class, overrides = CONFIGS[kind]
-    config = config_class(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=layers,
-        max_position_embeddings=128,
-        head_dim=16,
-        tie_word_embeddings=False,
-        **overrides,
-    )
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).to(DEVICE).eval()
-
-
-def randomize_aligner(model, scale: float = 1.0, seed: int = 1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in aligner.aligner_parameters(model).values():
-            param.copy_(scale * torch.randn(param.shape, generator=gen))
+def model_of(kind: str, **fields):
+    return tiny_model(**CONFIGS[kind], device=DEVICE, **fields)
 
 
 def tokens(batch: int, length: int, seed: int = 2) -> torch.Tensor:
@@ -59,7 +34,7 @@ def tokens(batch: int, length: int, seed: int = 2) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", CONFIGS)
 def test_zero_gates_leave_logits_unchanged_and_only_aligner_gets_gradients(kind):
-    model = tiny_model(kind)
+    model = model_of(kind)
     ids = tokens(2, 12)
     base_logits = model(ids).logits
     aligner.patch(model, num_tokens=3, start_layer=1)
@@ -78,15 +53,7 @@ def test_zero_gates_leave_logits_unchanged_and_only_aligner_gets_gradients(kind)
 
 
 def test_parameter_count_llama2_7b_on_meta_device(capsys):
-    config = transformers.LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        vocab_size=32000,
-    )
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(config)
+    model = llama2_7b_on_meta()
     aligner.patch(model, num_tokens=1)
     trainable, total = aligner.print_trainable_parameters(model)
     assert trainable == 5056
@@ -150,7 +117,7 @@ def eager_aligner_logits(model, ids: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["llama-mha", "llama-gqa-bias", "qwen2-gqa"])
 @pytest.mark.parametrize("num_tokens", [1, 4])
 def test_logits_match_an_independent_eager_implementation(kind, num_tokens):
-    model = aligner.patch(tiny_model(kind), num_tokens=num_tokens, start_layer=1)
+    model = aligner.patch(model_of(kind), num_tokens=num_tokens, start_layer=1)
     randomize_aligner(model)
     ids = tokens(2, 10)
     with torch.no_grad():
@@ -159,7 +126,7 @@ def test_logits_match_an_independent_eager_implementation(kind, num_tokens):
 
 @pytest.mark.parametrize("num_tokens", [1, 10])
 def test_cached_generation_equals_full_recompute(num_tokens):
-    model = aligner.patch(tiny_model("llama-gqa-bias"), num_tokens=num_tokens)
+    model = aligner.patch(model_of("llama-gqa-bias"), num_tokens=num_tokens)
     randomize_aligner(model, scale=0.5)
     model.generation_config.eos_token_id = None  # always generate all 8 tokens
     prompt = tokens(2, 5)
@@ -181,7 +148,7 @@ def _sequence_logits_alone(model, sequences):
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("num_tokens", [1, 3])
 def test_padded_batch_equals_each_sequence_alone(side, num_tokens):
-    model = aligner.patch(tiny_model("llama-gqa-bias"), num_tokens=num_tokens)
+    model = aligner.patch(model_of("llama-gqa-bias"), num_tokens=num_tokens)
     randomize_aligner(model)
     lengths = [9, 4, 6]
     sequences = [tokens(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
@@ -201,7 +168,7 @@ def test_padded_batch_equals_each_sequence_alone(side, num_tokens):
 @pytest.mark.parametrize("num_tokens", [1, 3])
 def test_packed_batch_equals_each_sequence_alone(num_tokens):
     """Padding-free batches (position_ids restarting per sequence, as TRL's collators produce)."""
-    model = aligner.patch(tiny_model("llama-gqa-bias"), num_tokens=num_tokens)
+    model = aligner.patch(model_of("llama-gqa-bias"), num_tokens=num_tokens)
     randomize_aligner(model)
     sequences = [tokens(1, n, seed=20 + i)[0] for i, n in enumerate([7, 3, 11])]
     ids = torch.cat(sequences)[None]
@@ -218,7 +185,7 @@ def test_packed_batch_equals_each_sequence_alone(num_tokens):
 
 
 def test_merge_and_unmerge_round_trip():
-    model = aligner.patch(tiny_model("llama-mha"), num_tokens=1)
+    model = aligner.patch(model_of("llama-mha"), num_tokens=1)
     randomize_aligner(model)
     before = copy.deepcopy(model.state_dict())
     ids = tokens(2, 9)
@@ -232,11 +199,11 @@ def test_merge_and_unmerge_round_trip():
     assert before.keys() == after.keys()
     assert all(torch.equal(before[name], after[name]) for name in before)
     with pytest.raises(ValueError, match="only a 1-token Aligner can be merged"):
-        aligner.merge(aligner.patch(tiny_model("llama-mha"), num_tokens=2))
+        aligner.merge(aligner.patch(model_of("llama-mha"), num_tokens=2))
 
 
 def test_unpatch_restores_the_model_and_disabled_runs_the_base():
-    model = tiny_model("qwen2-gqa")
+    model = model_of("qwen2-gqa")
     original = {name: t.clone() for name, t in model.state_dict().items()}
     ids = tokens(2, 8)
     with torch.no_grad():
@@ -258,7 +225,7 @@ def test_unpatch_restores_the_model_and_disabled_runs_the_base():
 
 
 def test_training_lowers_the_loss_and_changes_only_the_aligner():
-    model = aligner.patch(tiny_model("llama-gqa-bias"), num_tokens=1)
+    model = aligner.patch(model_of("llama-gqa-bias"), num_tokens=1)
     frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     ids = tokens(4, 16)
@@ -280,7 +247,7 @@ def test_training_lowers_the_loss_and_changes_only_the_aligner():
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
 def test_gradient_checkpointing_gives_the_same_gradients():
     def gradients(checkpointing: bool):
-        model = aligner.patch(tiny_model("llama-gqa-bias"), num_tokens=3)
+        model = aligner.patch(model_of("llama-gqa-bias"), num_tokens=3)
         randomize_aligner(model)
         model.train()
         if checkpointing:  # (renamed activation_checkpointing_enable in newer transformers)
@@ -297,7 +264,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_models(dtype):
-    model32 = aligner.patch(tiny_model("llama-gqa-bias"), num_tokens=3)
+    model32 = aligner.patch(model_of("llama-gqa-bias"), num_tokens=3)
     randomize_aligner(model32, scale=0.3)
     model = copy.deepcopy(model32).to(dtype)
     assert model.aligner_prefix.tokens.dtype == dtype  # .to() casts every parameter, as in PEFT
@@ -312,11 +279,11 @@ def test_unsupported_models_get_a_clear_error():
         aligner.patch(transformers.GPT2LMHeadModel(config))
     with pytest.raises(TypeError, match="PreTrainedModel"):
         aligner.patch(nn.Linear(2, 2))
-    model = aligner.patch(tiny_model("llama-mha"))
+    model = aligner.patch(model_of("llama-mha"))
     with pytest.raises(ValueError, match="already carries an Aligner"):
         aligner.patch(model)
     with pytest.raises(ValueError, match="start_layer"):
-        aligner.patch(tiny_model("llama-mha"), start_layer=5)
+        aligner.patch(model_of("llama-mha"), start_layer=5)
 
 
 def test_triton_backend_in_the_model_matches_the_reference():
@@ -327,7 +294,7 @@ def test_triton_backend_in_the_model_matches_the_reference():
     results = {}
     for backend in ("reference", "triton"):
         model = aligner.patch(
-            tiny_model("llama-gqa-bias", layers=2), num_tokens=3, start_layer=1, backend=backend
+            model_of("llama-gqa-bias", num_hidden_layers=2), num_tokens=3, start_layer=1, backend=backend
         )
         randomize_aligner(model)
         model.generation_config.eos_token_id = None

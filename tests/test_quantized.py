@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import SAVED, randomize_aligner, tiny_model
 from torch import nn
 
 import aligner
@@ -80,12 +81,8 @@ def bnb():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from test_training import tiny_config
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("quantized") / "model"
-    LlamaForCausalLM(tiny_config(VOCAB)).save_pretrained(directory)
+    tiny_model(**{**SAVED, "vocab_size": VOCAB}).save_pretrained(directory)
     return directory
 
 
@@ -97,17 +94,6 @@ def load_quantized(model_dir, kind: str):
         "4bit": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
     }[kind]
     return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, device_map="cpu")
-
-
-def set_aligner(model, seed: int = 1):
-    """Deterministic non-zero Aligner parameters (gates too, so that the prefix matters)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in aligner.aligner_parameters(model).items():
-            param.copy_(
-                torch.randn(param.shape, generator=generator) * (0.5 if name.startswith("gate") else 1)
-            )
-    return model
 
 
 def batch(seed: int = 0) -> torch.Tensor:
@@ -124,8 +110,8 @@ def test_patched_forward_equals_dequantized_model(bnb, model_dir, kind):
     ids = batch()
     base_noise = (quantized(input_ids=ids).logits - reference(input_ids=ids).logits).abs().max()
 
-    logits = set_aligner(aligner.patch(quantized, num_tokens=2))(input_ids=ids).logits
-    expected = set_aligner(aligner.patch(reference, num_tokens=2))(input_ids=ids).logits
+    logits = randomize_aligner(aligner.patch(quantized, num_tokens=2), gate_scale=0.5)(input_ids=ids).logits
+    expected = randomize_aligner(aligner.patch(reference, num_tokens=2), gate_scale=0.5)(input_ids=ids).logits
     if kind == "4bit":
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     else:  # int8 activations: no more than the unpatched models' own difference (x2 margin)
@@ -140,7 +126,7 @@ def test_patched_forward_equals_dequantized_model(bnb, model_dir, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_training_steps_lower_the_loss_and_leave_the_base_alone(bnb, model_dir, kind):
-    model = set_aligner(aligner.patch(load_quantized(model_dir, kind), num_tokens=2))
+    model = randomize_aligner(aligner.patch(load_quantized(model_dir, kind), num_tokens=2), gate_scale=0.5)
     base = {
         name: param.detach().clone() for name, param in model.named_parameters() if not param.requires_grad
     }
@@ -165,7 +151,7 @@ def test_training_steps_lower_the_loss_and_leave_the_base_alone(bnb, model_dir, 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_save_load_round_trip(bnb, model_dir, kind, tmp_path):
-    model = set_aligner(aligner.patch(load_quantized(model_dir, kind), num_tokens=2))
+    model = randomize_aligner(aligner.patch(load_quantized(model_dir, kind), num_tokens=2), gate_scale=0.5)
     ids = batch(3)
     expected = model(input_ids=ids).logits
     aligner.save(model, tmp_path / "aligner")

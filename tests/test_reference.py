@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from attention_cases import make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,37 +21,10 @@ F64 = {"rtol": 1e-12, "atol": 1e-12}
 GROUPS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}  # (H, H_kv)
 
 
-def make_inputs(
-    batch=2,
-    len_q=7,
-    len_k=None,
-    heads=4,
-    kv_heads=2,
-    head_dim=16,
-    num_prefix=3,
-    per_sequence=False,
-    gate_per_sequence=False,
-    dtype=torch.float32,
-    seed=0,
-):
-    len_k = len_q if len_k is None else len_k
-    gate_shape = (batch, heads) if gate_per_sequence else (heads,)
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
-
-    prefix_shape = (
-        (batch, num_prefix, kv_heads, head_dim) if per_sequence else (num_prefix, kv_heads, head_dim)
-    )
-    return (
-        randn(batch, len_q, heads, head_dim),
-        randn(batch, len_k, kv_heads, head_dim),
-        randn(batch, len_k, kv_heads, head_dim),
-        randn(*prefix_shape),
-        randn(*prefix_shape),
-        randn(*gate_shape).float() if dtype != torch.float64 else randn(*gate_shape),
-    )
+def cpu_inputs(seqlen_q=7, head_dim=16, **shape):
+    """attention_cases.make_inputs, small, on the CPU and without gradients: the six tensors only."""
+    inputs, _ = make_inputs(seqlen_q=seqlen_q, head_dim=head_dim, device="cpu", requires_grad=False, **shape)
+    return inputs
 
 
 def unfused(q, k, v, prefix_k, prefix_v, gate, *, causal=True, softmax_scale=None):
@@ -98,8 +72,8 @@ def cu_seqlens(lengths):
 @pytest.mark.parametrize("lengths", [(7, 7), (4, 9)], ids=["square", "lq<lk"])
 def test_matches_unfused(group, causal, num_prefix, per_sequence, lengths):
     heads, kv_heads = GROUPS[group]
-    inputs = make_inputs(
-        len_q=lengths[0], len_k=lengths[1], heads=heads, kv_heads=kv_heads, num_prefix=num_prefix,
+    inputs = cpu_inputs(
+        seqlen_q=lengths[0], seqlen_k=lengths[1], heads=heads, kv_heads=kv_heads, num_tokens=num_prefix,
         per_sequence=per_sequence,
     )  # fmt: skip
     out = aligner_attention_reference(*inputs, causal=causal)
@@ -110,7 +84,7 @@ def test_matches_unfused(group, causal, num_prefix, per_sequence, lengths):
 @pytest.mark.parametrize("softmax_scale", [0.05, 0.5, 1.7])
 @pytest.mark.parametrize("num_prefix", [1, 5])
 def test_custom_softmax_scale(softmax_scale, num_prefix):
-    inputs = make_inputs(len_q=5, len_k=8, num_prefix=num_prefix)
+    inputs = cpu_inputs(seqlen_q=5, seqlen_k=8, num_tokens=num_prefix)
     out = aligner_attention_reference(*inputs, softmax_scale=softmax_scale)
     torch.testing.assert_close(out, unfused(*inputs, softmax_scale=softmax_scale), **F32)
     # The scale applies to the prefix scores too: a different scale changes the output.
@@ -118,7 +92,7 @@ def test_custom_softmax_scale(softmax_scale, num_prefix):
 
 
 def test_default_scale_is_inverse_sqrt_head_dim():
-    inputs = make_inputs(head_dim=16, num_prefix=4)
+    inputs = cpu_inputs(head_dim=16, num_tokens=4)
     torch.testing.assert_close(
         aligner_attention_reference(*inputs),
         aligner_attention_reference(*inputs, softmax_scale=0.25),
@@ -129,7 +103,7 @@ def test_default_scale_is_inverse_sqrt_head_dim():
 
 def test_prefix_softmax_is_separate():
     """A prefix with huge scores does not steal probability mass from the sequence (no joint softmax)."""
-    q, k, v, prefix_k, prefix_v, gate = make_inputs(num_prefix=3)
+    q, k, v, prefix_k, prefix_v, gate = cpu_inputs(num_tokens=3)
     zero_gate = torch.zeros_like(gate)
     base = aligner_attention_reference(q, k, v, prefix_k, prefix_v, zero_gate)
     loud = aligner_attention_reference(q, k, v, 1e3 * prefix_k, prefix_v, zero_gate)
@@ -138,7 +112,7 @@ def test_prefix_softmax_is_separate():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs_computed_in_float32(dtype):
-    inputs = make_inputs(num_prefix=3, dtype=dtype)
+    inputs = cpu_inputs(num_tokens=3, dtype=dtype)
     out = aligner_attention_reference(*inputs)
     assert out.dtype == dtype
     upcast = [x.float() for x in inputs]
@@ -148,7 +122,7 @@ def test_half_precision_inputs_computed_in_float32(dtype):
 
 
 def test_public_op_reference_backend_is_the_reference():
-    inputs = make_inputs(len_q=5, len_k=8, num_prefix=3)
+    inputs = cpu_inputs(seqlen_q=5, seqlen_k=8, num_tokens=3)
     torch.testing.assert_close(
         aligner_attention(*inputs, backend="reference"), aligner_attention_reference(*inputs), rtol=0, atol=0
     )
@@ -160,14 +134,19 @@ def test_public_op_reference_backend_is_the_reference():
 @pytest.mark.parametrize("num_prefix", [1, 3])
 @pytest.mark.parametrize("per_sequence", [False, True], ids=["shared_prefix", "per_seq_prefix"])
 def test_per_sequence_gate_matches_unfused(num_prefix, per_sequence):
-    inputs = make_inputs(
-        batch=3, len_q=4, len_k=9, num_prefix=num_prefix, per_sequence=per_sequence, gate_per_sequence=True
+    inputs = cpu_inputs(
+        batch=3,
+        seqlen_q=4,
+        seqlen_k=9,
+        num_tokens=num_prefix,
+        per_sequence=per_sequence,
+        gate_per_sequence=True,
     )
     torch.testing.assert_close(aligner_attention_reference(*inputs), unfused(*inputs), **F32)
 
 
 def test_per_sequence_gate_row_equals_that_row_alone():
-    q, k, v, pk, pv, gate = make_inputs(batch=3, num_prefix=3, per_sequence=True, gate_per_sequence=True)
+    q, k, v, pk, pv, gate = cpu_inputs(batch=3, num_tokens=3, per_sequence=True, gate_per_sequence=True)
     out = aligner_attention_reference(q, k, v, pk, pv, gate)
     packed = aligner_attention_reference(
         *pack(q, k, v), pk, pv, gate, cu_seqlens_q=cu_seqlens([7] * 3), cu_seqlens_k=cu_seqlens([7] * 3)
@@ -181,7 +160,7 @@ def test_per_sequence_gate_row_equals_that_row_alone():
 @pytest.mark.parametrize("num_prefix", [1, 3])
 def test_zero_gate_row_is_plain_attention_exactly(num_prefix):
     """A sequence without an Aligner in a batch of Aligners (gate row 0): the base model's bits."""
-    q, k, v, pk, pv, gate = make_inputs(batch=3, num_prefix=num_prefix, gate_per_sequence=True)
+    q, k, v, pk, pv, gate = cpu_inputs(batch=3, num_tokens=num_prefix, gate_per_sequence=True)
     gate[1] = 0.0
     out = aligner_attention_reference(q, k, v, pk, pv, gate)
     plain = aligner_attention_reference(q, k, v)
@@ -190,9 +169,9 @@ def test_zero_gate_row_is_plain_attention_exactly(num_prefix):
 
 
 def test_gradcheck_per_sequence_gate():
-    inputs = make_inputs(
-        batch=2, len_q=3, len_k=4, heads=2, kv_heads=1, head_dim=4, num_prefix=2, gate_per_sequence=True,
-        dtype=torch.float64,
+    inputs = cpu_inputs(
+        batch=2, seqlen_q=3, seqlen_k=4, heads=2, kv_heads=1, head_dim=4, num_tokens=2,
+        gate_per_sequence=True, dtype=torch.float64,
     )  # fmt: skip
     assert torch.autograd.gradcheck(aligner_attention_reference, _require_grad(inputs))
 
@@ -208,8 +187,8 @@ def _require_grad(inputs):
 @pytest.mark.parametrize("num_prefix", [1, 3])
 @pytest.mark.parametrize("per_sequence", [False, True], ids=["shared", "per_seq"])
 def test_gradcheck_batched(causal, num_prefix, per_sequence):
-    inputs = make_inputs(
-        batch=2, len_q=3, len_k=4, heads=2, kv_heads=1, head_dim=4, num_prefix=num_prefix,
+    inputs = cpu_inputs(
+        batch=2, seqlen_q=3, seqlen_k=4, heads=2, kv_heads=1, head_dim=4, num_tokens=num_prefix,
         per_sequence=per_sequence, dtype=torch.float64,
     )  # fmt: skip
     assert torch.autograd.gradcheck(
@@ -220,33 +199,18 @@ def test_gradcheck_batched(causal, num_prefix, per_sequence):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("num_prefix", [1, 3])
 def test_gradcheck_packed(causal, num_prefix):
-    heads, kv_heads, head_dim = 4, 2, 4
-    len_q, len_k = [2, 3], [3, 3]
-    gen = torch.Generator().manual_seed(1)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-    inputs = (
-        randn(sum(len_q), heads, head_dim),
-        randn(sum(len_k), kv_heads, head_dim),
-        randn(sum(len_k), kv_heads, head_dim),
-        randn(num_prefix, kv_heads, head_dim),
-        randn(num_prefix, kv_heads, head_dim),
-        randn(heads),
-    )
-    cu_q, cu_k = cu_seqlens(len_q), cu_seqlens(len_k)
+    inputs, varlen = make_inputs(
+        seqlens=[(2, 3), (3, 3)], heads=4, kv_heads=2, head_dim=4, num_tokens=num_prefix, dtype=torch.float64,
+        seed=1, device="cpu",
+    )  # fmt: skip
     assert torch.autograd.gradcheck(
-        lambda *xs: aligner_attention_reference(
-            *xs, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, softmax_scale=0.7
-        ),
-        _require_grad(inputs),
+        lambda *xs: aligner_attention_reference(*xs, causal=causal, softmax_scale=0.7, **varlen), inputs
     )
 
 
 def test_gradients_match_unfused():
     """Backward through the reference == backward through the unfused formulation (fp64)."""
-    inputs = make_inputs(len_q=5, len_k=8, num_prefix=3, per_sequence=True, dtype=torch.float64)
+    inputs = cpu_inputs(seqlen_q=5, seqlen_k=8, num_tokens=3, per_sequence=True, dtype=torch.float64)
     a, b = _require_grad(inputs), _require_grad(inputs)
     dout = torch.randn(inputs[0].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     grads_ref = torch.autograd.grad(aligner_attention_reference(*a), a, dout)
@@ -263,8 +227,8 @@ def test_gradients_match_unfused():
 @pytest.mark.parametrize("per_sequence", [False, True], ids=["shared", "per_seq"])
 def test_single_token_closed_form(group, causal, per_sequence):
     heads, kv_heads = GROUPS[group]
-    q, k, v, prefix_k, prefix_v, gate = make_inputs(
-        len_q=5, len_k=6, heads=heads, kv_heads=kv_heads, num_prefix=1, per_sequence=per_sequence
+    q, k, v, prefix_k, prefix_v, gate = cpu_inputs(
+        seqlen_q=5, seqlen_k=6, heads=heads, kv_heads=kv_heads, num_tokens=1, per_sequence=per_sequence
     )
     out = aligner_attention_reference(q, k, v, prefix_k, prefix_v, gate, causal=causal)
     out_main = aligner_attention_reference(q, k, v, prefix_k, prefix_v, torch.zeros_like(gate), causal=causal)
@@ -289,7 +253,7 @@ def test_single_token_closed_form(group, causal, per_sequence):
 @pytest.mark.parametrize("num_prefix", [1, 3, 17])
 def test_zero_gate_is_plain_causal_attention(group, num_prefix):
     heads, kv_heads = GROUPS[group]
-    q, k, v, prefix_k, prefix_v, gate = make_inputs(heads=heads, kv_heads=kv_heads, num_prefix=num_prefix)
+    q, k, v, prefix_k, prefix_v, gate = cpu_inputs(heads=heads, kv_heads=kv_heads, num_tokens=num_prefix)
     zero = torch.zeros_like(gate)
     out = aligner_attention_reference(q, k, v, prefix_k, prefix_v, zero)
     sdpa = F.scaled_dot_product_attention(
@@ -311,9 +275,9 @@ def test_packed_equals_each_sequence_alone(causal, num_prefix, per_sequence):
     heads, kv_heads, head_dim = 4, 2, 8
     len_q, len_k = [3, 1, 6, 4], [5, 1, 6, 9]  # L_q <= L_k in every sequence
     batch = len(len_q)
-    q, k, v, prefix_k, prefix_v, gate = make_inputs(
-        batch=1, len_q=sum(len_q), len_k=sum(len_k), heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-        num_prefix=num_prefix, seed=5,
+    q, k, v, prefix_k, prefix_v, gate = cpu_inputs(
+        batch=1, seqlen_q=sum(len_q), seqlen_k=sum(len_k), heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+        num_tokens=num_prefix, seed=5,
     )  # fmt: skip
     q, k, v = q[0], k[0], v[0]
     if per_sequence:
@@ -346,8 +310,8 @@ def test_packed_equals_each_sequence_alone(causal, num_prefix, per_sequence):
 
 @pytest.mark.parametrize("num_prefix", [1, 3])
 def test_per_sequence_prefix_equals_each_sequence_alone(num_prefix):
-    q, k, v, prefix_k, prefix_v, gate = make_inputs(
-        batch=3, len_q=4, len_k=6, num_prefix=num_prefix, per_sequence=True
+    q, k, v, prefix_k, prefix_v, gate = cpu_inputs(
+        batch=3, seqlen_q=4, seqlen_k=6, num_tokens=num_prefix, per_sequence=True
     )
     out = aligner_attention_reference(q, k, v, prefix_k, prefix_v, gate)
     for b in range(3):
@@ -364,7 +328,7 @@ def test_per_sequence_prefix_equals_each_sequence_alone(num_prefix):
 
 
 def test_batched_equals_packed_of_equal_lengths():
-    inputs = make_inputs(batch=3, len_q=4, len_k=6, num_prefix=3)
+    inputs = cpu_inputs(batch=3, seqlen_q=4, seqlen_k=6, num_tokens=3)
     q, k, v, prefix_k, prefix_v, gate = inputs
     batched = aligner_attention_reference(*inputs)
     packed = aligner_attention_reference(
@@ -386,8 +350,8 @@ def test_batched_equals_packed_of_equal_lengths():
 def test_decoding_matches_full_recompute(group, num_prefix):
     heads, kv_heads = GROUPS[group]
     length = 9
-    q, k, v, prefix_k, prefix_v, gate = make_inputs(
-        len_q=length, heads=heads, kv_heads=kv_heads, num_prefix=num_prefix, seed=7
+    q, k, v, prefix_k, prefix_v, gate = cpu_inputs(
+        seqlen_q=length, heads=heads, kv_heads=kv_heads, num_tokens=num_prefix, seed=7
     )
     full = aligner_attention_reference(q, k, v, prefix_k, prefix_v, gate)
     for t in range(length):  # one new token attends to the KV cache [0, t]
@@ -404,9 +368,9 @@ def test_decoding_packed_varlen():
     """Packed decoding: one query per sequence against caches of different lengths."""
     heads, kv_heads, head_dim = 4, 2, 8
     cache = [3, 7, 5]
-    q, k, v, prefix_k, prefix_v, gate = make_inputs(
-        batch=1, len_q=len(cache), len_k=sum(cache), heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-        num_prefix=3, seed=8,
+    q, k, v, prefix_k, prefix_v, gate = cpu_inputs(
+        batch=1, seqlen_q=len(cache), seqlen_k=sum(cache), heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+        num_tokens=3, seed=8,
     )  # fmt: skip
     q, k, v = q[0], k[0], v[0]
     cu_k = cu_seqlens(cache)
@@ -440,9 +404,9 @@ def test_decoding_packed_varlen():
 def test_property_matches_unfused(
     batch, len_q, extra_k, kv_heads, group, head_dim, num_prefix, causal, per_sequence, softmax_scale, seed
 ):
-    inputs = make_inputs(
-        batch=batch, len_q=len_q, len_k=len_q + extra_k, heads=kv_heads * group, kv_heads=kv_heads,
-        head_dim=head_dim, num_prefix=num_prefix, per_sequence=per_sequence, seed=seed,
+    inputs = cpu_inputs(
+        batch=batch, seqlen_q=len_q, seqlen_k=len_q + extra_k, heads=kv_heads * group, kv_heads=kv_heads,
+        head_dim=head_dim, num_tokens=num_prefix, per_sequence=per_sequence, seed=seed,
     )  # fmt: skip
     out = aligner_attention(*inputs, causal=causal, softmax_scale=softmax_scale, backend="reference")
     torch.testing.assert_close(out, unfused(*inputs, causal=causal, softmax_scale=softmax_scale), **F32)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import llama2_7b_on_meta, randomize_aligner, tiny_model
 
 from aligner import files, serialization
 from aligner.patch import aligner_parameters, merge, patch
@@ -26,28 +26,19 @@ from aligner.serialization import (
 OFFICIAL_DIR = Path(__file__).parents[2] / "shared/reference/official-aligner-checkpoints"
 
 
-def tiny_model(kv_heads: int = 2, hidden: int = 32, heads: int = 4, layers: int = 4, seed: int = 0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=hidden,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
+# The base the Aligners here are made for: a 4-layer LLaMA of width 32, 4 heads of 8 over 2 KV heads.
+BASE = dict(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, max_position_embeddings=64
+)
+
+
+def base_model(**fields):
+    return tiny_model(**{**BASE, **fields})
 
 
 def trained(model, num_tokens: int = 1, start_layer: int = 2, seed: int = 1):
     """A patched model whose prefix and gates hold random non-zero values (as after training)."""
-    patch(model, num_tokens, start_layer)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in aligner_parameters(model).values():
-            param.copy_(torch.randn(param.shape, generator=generator))
-    return model
+    return randomize_aligner(patch(model, num_tokens, start_layer), seed=seed)
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
@@ -72,10 +63,10 @@ def rewrite_config(directory: Path, **changes) -> None:
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
 @pytest.mark.parametrize(("num_tokens", "start_layer"), [(1, 2), (3, 0)])
 def test_round_trip_is_bit_identical(tmp_path, kv_heads, num_tokens, start_layer):
-    source = trained(tiny_model(kv_heads), num_tokens, start_layer)
+    source = trained(base_model(num_key_value_heads=kv_heads), num_tokens, start_layer)
     assert save(source, tmp_path / "aligner") == tmp_path / "aligner"
 
-    target = load(tiny_model(kv_heads, seed=7), tmp_path / "aligner")
+    target = load(base_model(num_key_value_heads=kv_heads, seed=7), tmp_path / "aligner")
     assert (target.aligner_state.num_tokens, target.aligner_state.start_layer) == (num_tokens, start_layer)
     saved, loaded = aligner_parameters(source), aligner_parameters(target)
     assert saved.keys() == loaded.keys()
@@ -89,7 +80,7 @@ def test_round_trip_is_bit_identical(tmp_path, kv_heads, num_tokens, start_layer
 
 
 def test_files_hold_only_the_aligner(tmp_path):
-    model = trained(tiny_model(kv_heads=2), num_tokens=2)
+    model = trained(base_model(num_key_value_heads=2), num_tokens=2)
     save(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]  # no temp files
     assert (tmp_path / WEIGHTS_NAME).stat().st_size < 4096
@@ -121,8 +112,8 @@ def test_files_hold_only_the_aligner(tmp_path):
 
 
 def test_load_overwrites_an_already_patched_model(tmp_path):
-    save(trained(tiny_model(), num_tokens=2), tmp_path)
-    target = trained(tiny_model(), num_tokens=2, seed=5)
+    save(trained(base_model(), num_tokens=2), tmp_path)
+    target = trained(base_model(), num_tokens=2, seed=5)
     prefix_module = target.aligner_prefix
     assert load(target, tmp_path) is target
     assert target.aligner_prefix is prefix_module  # same modules, values replaced in place
@@ -130,11 +121,11 @@ def test_load_overwrites_an_already_patched_model(tmp_path):
 
 
 def test_save_overwrites_a_previous_aligner(tmp_path):
-    save(trained(tiny_model(), seed=1), tmp_path)
-    second = trained(tiny_model(), seed=2)
+    save(trained(base_model(), seed=1), tmp_path)
+    second = trained(base_model(), seed=2)
     save(second, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
-    loaded = load(tiny_model(), tmp_path)
+    loaded = load(base_model(), tmp_path)
     assert torch.equal(loaded.aligner_prefix.tokens, second.aligner_prefix.tokens)
 
 
@@ -143,7 +134,7 @@ def test_save_overwrites_a_previous_aligner(tmp_path):
 
 
 def test_failed_weights_write_leaves_previous_files(tmp_path, monkeypatch):
-    save(trained(tiny_model(), seed=1), tmp_path)
+    save(trained(base_model(), seed=1), tmp_path)
     before = snapshot(tmp_path)
 
     real_write = serialization.write_temporary
@@ -155,23 +146,23 @@ def test_failed_weights_write_leaves_previous_files(tmp_path, monkeypatch):
 
     monkeypatch.setattr(serialization, "write_temporary", fail_on_config)
     with pytest.raises(OSError, match="disk full"):
-        save(trained(tiny_model(), seed=2), tmp_path)
+        save(trained(base_model(), seed=2), tmp_path)
     assert snapshot(tmp_path) == before  # unchanged, and no temp file left
-    load(tiny_model(), tmp_path)
+    load(base_model(), tmp_path)
 
 
 def test_failed_serialisation_leaves_previous_files(tmp_path, monkeypatch):
-    save(trained(tiny_model(), seed=1), tmp_path)
+    save(trained(base_model(), seed=1), tmp_path)
     before = snapshot(tmp_path)
     monkeypatch.setattr(serialization, "safetensors_save", lambda *args, **kwargs: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        save(trained(tiny_model(), seed=2), tmp_path)
+        save(trained(base_model(), seed=2), tmp_path)
     assert snapshot(tmp_path) == before
 
 
 def test_torn_temporary_file_is_removed(tmp_path, monkeypatch):
     """A write that fails halfway through the temporary file leaves neither it nor a changed file."""
-    save(trained(tiny_model(), seed=1), tmp_path)
+    save(trained(base_model(), seed=1), tmp_path)
     before = snapshot(tmp_path)
 
     def failing_fsync(fd):
@@ -179,14 +170,28 @@ def test_torn_temporary_file_is_removed(tmp_path, monkeypatch):
 
     monkeypatch.setattr(files.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="I/O error"):
-        save(trained(tiny_model(), seed=2), tmp_path)
+        save(trained(base_model(), seed=2), tmp_path)
     monkeypatch.undo()
     assert snapshot(tmp_path) == before
 
 
+def test_append_line_adds_whole_lines(tmp_path, monkeypatch):
+    """files.append_line (metrics.jsonl): creates the file, appends, finishes a short os.write."""
+    path = tmp_path / "metrics.jsonl"
+    files.append_line(path, '{"step": 1}')
+    files.append_line(path, '{"step": 2}')
+    real_write = os.write
+    monkeypatch.setattr(files.os, "write", lambda fd, data: real_write(fd, data[:3]))
+    files.append_line(path, '{"note": "ünïcode"}')
+    assert path.read_text(encoding="utf-8") == '{"step": 1}\n{"step": 2}\n{"note": "ünïcode"}\n'
+    new_file = tmp_path / "new-file"
+    new_file.touch()
+    assert path.stat().st_mode & 0o777 == new_file.stat().st_mode & 0o777  # the usual mode of a new file
+
+
 def test_torn_pair_of_files_is_detected(tmp_path, monkeypatch):
     """A crash between the two renames leaves new weights beside the old config: load refuses it."""
-    save(trained(tiny_model(), seed=1), tmp_path)
+    save(trained(base_model(), seed=1), tmp_path)
     real_replace = os.replace
 
     def crash_on_config(source, destination):
@@ -196,11 +201,11 @@ def test_torn_pair_of_files_is_detected(tmp_path, monkeypatch):
 
     monkeypatch.setattr(serialization.os, "replace", crash_on_config)
     with pytest.raises(OSError, match="power cut"):
-        save(trained(tiny_model(), seed=2), tmp_path)
+        save(trained(base_model(), seed=2), tmp_path)
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
     with pytest.raises(ValueError, match="SHA-256"):
-        load(tiny_model(), tmp_path)
+        load(base_model(), tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,38 +214,32 @@ def test_torn_pair_of_files_is_detected(tmp_path, monkeypatch):
 
 def test_save_refuses_an_unpatched_model(tmp_path):
     with pytest.raises(ValueError, match="carries no Aligner"):
-        save(tiny_model(), tmp_path)
+        save(base_model(), tmp_path)
     assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(
-    ("changes", "differs"),
-    [
-        ({"hidden": 48}, "hidden_size"),
-        ({"layers": 5}, "num_hidden_layers"),
-        ({"kv_heads": 4}, "num_key_value_heads"),
-        ({"heads": 8}, "num_attention_heads"),
-    ],
+    ("differs", "value"),
+    [("hidden_size", 48), ("num_hidden_layers", 5), ("num_key_value_heads", 4), ("num_attention_heads", 8)],
 )
-def test_mismatched_base_is_refused(tmp_path, changes, differs):
-    save(trained(tiny_model()), tmp_path)
-    other = tiny_model(**changes)
+def test_mismatched_base_is_refused(tmp_path, differs, value):
+    save(trained(base_model()), tmp_path)
+    other = base_model(**{differs: value})
     with pytest.raises(ValueError) as error:
         load(other, tmp_path)
     message = str(error.value)
     assert "made for llama hidden_size=32 num_attention_heads=4 num_key_value_heads=2" in message
     assert "num_hidden_layers=4 head_dim=8 but the model is llama" in message
-    value = {"hidden": 48, "layers": 5, "kv_heads": 4, "heads": 8}[next(iter(changes))]
     assert f"{differs}={value}" in message and f"differs in {differs}" in message
     assert not hasattr(other, "aligner_state")  # refused before anything was patched
 
 
 def test_mismatched_base_error_names_the_base_and_needs_only_its_config(tmp_path):
-    model = trained(tiny_model())
+    model = trained(base_model())
     model.config._name_or_path = "org/my-base"
     save(model, tmp_path)
     assert read_config(tmp_path)["base_model"] == "org/my-base"
-    other = tiny_model(hidden=48).config
+    other = base_model(hidden_size=48).config
     with pytest.raises(
         ValueError, match=r"made for org/my-base \(llama hidden_size=32 .*differs in hidden_size"
     ):
@@ -249,43 +248,43 @@ def test_mismatched_base_error_names_the_base_and_needs_only_its_config(tmp_path
 
 
 def test_describe_aligner_gives_a_layer_range(tmp_path):
-    save(trained(tiny_model(layers=6), start_layer=2), tmp_path)
+    save(trained(base_model(num_hidden_layers=6), start_layer=2), tmp_path)
     info = serialization.describe_aligner(tmp_path)
     assert (info["layers"], info["num_layers"], info["parameters"]) == ("2-5", 4, 32 + 4 * 4)
-    cost = serialization.describe_base(serialization.base_fingerprint(tiny_model().config), 10, 1)["aligner"]
+    cost = serialization.describe_base(serialization.base_fingerprint(base_model().config), 10, 1)["aligner"]
     assert cost == {"num_tokens": 10, "layers": "1-3", "parameters": 10 * 32 + 3 * 4}
 
 
 def test_mismatched_model_type_is_refused(tmp_path):
-    save(trained(tiny_model()), tmp_path)
+    save(trained(base_model()), tmp_path)
     rewrite_config(tmp_path, base={**read_config(tmp_path)["base"], "model_type": "mistral"})
     with pytest.raises(ValueError, match="made for mistral .* but the model is llama"):
-        load(tiny_model(), tmp_path)
+        load(base_model(), tmp_path)
 
 
 def test_already_patched_with_other_shape_is_refused(tmp_path):
-    save(trained(tiny_model(), num_tokens=1), tmp_path)
+    save(trained(base_model(), num_tokens=1), tmp_path)
     with pytest.raises(ValueError, match="num_tokens=3, start_layer=2, but .* num_tokens=1"):
-        load(trained(tiny_model(), num_tokens=3), tmp_path)
+        load(trained(base_model(), num_tokens=3), tmp_path)
     with pytest.raises(ValueError, match="start_layer=1, but .* start_layer=2"):
-        load(trained(tiny_model(), num_tokens=1, start_layer=1), tmp_path)
+        load(trained(base_model(), num_tokens=1, start_layer=1), tmp_path)
 
 
 def test_merged_model_is_refused(tmp_path):
-    save(trained(tiny_model()), tmp_path)
+    save(trained(base_model()), tmp_path)
     with pytest.raises(ValueError, match="unmerge"):
-        load(merge(trained(tiny_model())), tmp_path)
+        load(merge(trained(base_model())), tmp_path)
 
 
 def test_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
-        load(tiny_model(), tmp_path / "nowhere")
+        load(base_model(), tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
-        load(tiny_model(), tmp_path)
-    save(trained(tiny_model()), tmp_path)
+        load(base_model(), tmp_path)
+    save(trained(base_model()), tmp_path)
     (tmp_path / WEIGHTS_NAME).unlink()
     with pytest.raises(FileNotFoundError, match=WEIGHTS_NAME):
-        load(tiny_model(), tmp_path)
+        load(base_model(), tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -299,9 +298,9 @@ def test_missing_files(tmp_path):
     ],
 )
 def test_garbled_config(tmp_path, text, match):
-    save(trained(tiny_model()), tmp_path)
+    save(trained(base_model()), tmp_path)
     (tmp_path / CONFIG_NAME).write_text(text)
-    model = tiny_model()
+    model = base_model()
     with pytest.raises(ValueError, match=match) as error:
         load(model, tmp_path)
     assert str(tmp_path / CONFIG_NAME) in str(error.value)
@@ -309,23 +308,23 @@ def test_garbled_config(tmp_path, text, match):
 
 
 def test_bad_config_values(tmp_path):
-    save(trained(tiny_model()), tmp_path)
+    save(trained(base_model()), tmp_path)
     rewrite_config(tmp_path, num_tokens=0)
     with pytest.raises(ValueError, match="'num_tokens' must be a positive integer"):
-        load(tiny_model(), tmp_path)
+        load(base_model(), tmp_path)
     rewrite_config(tmp_path, num_tokens=1, start_layer=4)
     with pytest.raises(ValueError, match=r"'start_layer' must be an integer in \[0, 4\)"):
-        load(tiny_model(), tmp_path)
+        load(base_model(), tmp_path)
 
 
 def test_garbled_weights(tmp_path):
-    save(trained(tiny_model()), tmp_path)
+    save(trained(base_model()), tmp_path)
     (tmp_path / WEIGHTS_NAME).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
     with pytest.raises(ValueError, match="SHA-256"):  # the config's checksum catches it first
-        load(tiny_model(), tmp_path)
+        load(base_model(), tmp_path)
     rewrite_config(tmp_path, weights_sha256=None)
     with pytest.raises(ValueError, match=f"{WEIGHTS_NAME} is not a readable safetensors file"):
-        load(tiny_model(), tmp_path)
+        load(base_model(), tmp_path)
 
 
 def _tamper(directory: Path, tensors: dict) -> None:
@@ -334,38 +333,38 @@ def _tamper(directory: Path, tensors: dict) -> None:
 
 
 def test_missing_unexpected_and_misshapen_tensors(tmp_path):
-    save(trained(tiny_model()), tmp_path)
+    save(trained(base_model()), tmp_path)
     good = load_file(tmp_path / WEIGHTS_NAME)
 
     _tamper(tmp_path, {k: v for k, v in good.items() if k != "gate.3"})
     with pytest.raises(ValueError, match=r"missing keys \['gate.3'\]"):
-        load(tiny_model(), tmp_path)
+        load(base_model(), tmp_path)
 
     _tamper(tmp_path, {**good, "gate.1": torch.zeros(4), "lora_A": torch.zeros(2, 2)})
     with pytest.raises(ValueError, match=r"unexpected keys \['gate.1', 'lora_A'\]"):
-        load(tiny_model(), tmp_path)
+        load(base_model(), tmp_path)
 
     _tamper(tmp_path, {**good, "gate.2": torch.zeros(8)})
     with pytest.raises(ValueError, match=r"'gate.2' has shape \(8,\) but the model expects \(4,\)"):
-        load(tiny_model(), tmp_path)
+        load(base_model(), tmp_path)
 
     _tamper(tmp_path, {**good, "prefix": torch.zeros(2, 32)})  # the config says num_tokens=1
     with pytest.raises(ValueError, match=r"'prefix' has shape \(2, 32\) but the model expects \(1, 32\)"):
-        load(tiny_model(), tmp_path)
+        load(base_model(), tmp_path)
 
     _tamper(tmp_path, {**good, "gate.2": torch.tensor([1.0, float("nan"), 0.0, 0.0])})
     with pytest.raises(ValueError, match="'gate.2' holds NaN"):
-        load(tiny_model(), tmp_path)
+        load(base_model(), tmp_path)
 
     _tamper(tmp_path, {**good, "gate.2": torch.zeros(4, dtype=torch.int32)})
     with pytest.raises(ValueError, match="'gate.2' has dtype torch.int32"):
-        load(tiny_model(), tmp_path)
+        load(base_model(), tmp_path)
 
 
 def test_meta_device(tmp_path):
-    save(trained(tiny_model()), tmp_path)
+    save(trained(base_model()), tmp_path)
     with torch.device("meta"):
-        model = tiny_model()
+        model = base_model()
     with pytest.raises(ValueError, match="meta device"):
         save(patch(model), tmp_path / "other")
     with pytest.raises(ValueError, match="meta device"):  # patched, Aligner still on meta
@@ -407,7 +406,7 @@ def test_convert_synthetic_official_checkpoint(tmp_path, num_tokens, start_layer
     assert config["converted_from"] == "ckpt.pth"
     assert aligner_parameter_count(out) == num_tokens * 32 + (4 - start_layer) * 4
 
-    model = load(tiny_model(kv_heads=4), out)
+    model = load(base_model(num_key_value_heads=4), out)
     params = aligner_parameters(model)
     assert torch.equal(params["prefix"], checkpoint["global_value_embedding.weight"].float())
     for layer in range(start_layer, 4):
@@ -417,7 +416,7 @@ def test_convert_synthetic_official_checkpoint(tmp_path, num_tokens, start_layer
     with pytest.raises(
         ValueError, match="num_key_value_heads=4 .* but the model is llama .*num_key_value_heads=2"
     ):
-        load(tiny_model(kv_heads=2), out)  # the paper's LLaMA-2 7B/13B are multi-head attention
+        load(base_model(num_key_value_heads=2), out)  # the paper's LLaMA-2 7B/13B are multi-head attention
 
 
 def test_convert_rejects_other_files(tmp_path):
@@ -469,7 +468,7 @@ def test_convert_warns_on_differing_copies(tmp_path):
     torch.save(checkpoint, tmp_path / "ckpt.pth")
     with pytest.warns(UserWarning, match=r"layers \[3\] differ"):
         out = convert_official(tmp_path / "ckpt.pth", tmp_path / "out")
-    params = aligner_parameters(load(tiny_model(kv_heads=4), out))
+    params = aligner_parameters(load(base_model(num_key_value_heads=4), out))
     assert torch.equal(params["prefix"], checkpoint["global_value_embedding.weight"].float())
 
 
@@ -516,17 +515,7 @@ def test_load_official_into_llama2_7b_shape(tmp_path, name):
     matches, and once the Aligner's own parameters are materialised the values load exactly."""
     path = official_file(name)
     out = convert_official(path, tmp_path)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                hidden_size=4096,
-                intermediate_size=11008,
-                num_hidden_layers=32,
-                num_attention_heads=32,
-                num_key_value_heads=32,
-                vocab_size=32000,
-            )
-        )
+    model = llama2_7b_on_meta()
     with pytest.raises(ValueError, match="meta device"):  # values would be silently lost on meta
         load(model, out)
     assert not hasattr(model, "aligner_state")

@@ -1,8 +1,8 @@
 """aligner.training: data reading and masking, DPO log-probs, Ctrl-C and checkpoints (multi-process
-training: tests/test_distributed.py).
+training: tests/test_distributed.py), on tiny_models.save_tiny_model's random LLaMA and tokenizer.
 
-Also holds the tiny offline model + tokenizer that tests/test_cli.py uses: a random 4-layer LLaMA
-and a byte-level BPE tokenizer trained in memory, both saved with ``save_pretrained``.
+Also holds the tiny data rows (ALPACA_ROWS, write_jsonl) that the CLI, distillation, bank and
+distributed tests use.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import torch
 pytest.importorskip("datasets", reason="needs the train extra: pip install -e '.[train]'")
 pytest.importorskip("matplotlib", reason="needs the train extra: pip install -e '.[train]'")
 
+from tiny_models import save_tiny_model  # noqa: E402
+
 import aligner  # noqa: E402
 from aligner.training import (  # noqa: E402
     DataError,
@@ -28,56 +30,6 @@ from aligner.training import (  # noqa: E402
     train_sft,
 )
 from aligner.training.data import format_prompt, pad_batch, tokenize_pair  # noqa: E402
-
-WORDS = (
-    "the a cat dog sat on mat what is capital of france paris name color red blue green answer yes no "
-    "how many legs does spider have eight bees make honey good bad safe unsafe reply please tell me"
-).split()
-
-
-def tiny_tokenizer():
-    """A byte-level BPE tokenizer trained in memory (no download), with an EOS/pad token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(
-        [" ".join(WORDS)] * 4 + ["### User:\n### Assistant:\n### System:\n"], trainer
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<eos>")
-
-
-def tiny_config(vocab_size: int, layers: int = 4, hidden: int = 32):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=0,
-        pad_token_id=0,
-        bos_token_id=0,
-    )
-
-
-def save_tiny_model(directory: Path, layers: int = 4, hidden: int = 32, seed: int = 0) -> Path:
-    from transformers import LlamaForCausalLM
-
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_config(len(tokenizer), layers, hidden))
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

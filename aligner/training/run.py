@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from ..files import write_atomic
+from ..files import append_line, write_atomic
 from ..options import OptionError
 from ..outputs import OutputDir, read_manifest
 from ..patch import patch, trainable_parameters
@@ -203,8 +203,7 @@ def _run(
         saved = _save_on_interrupt(trainer)
         if trainer.args.should_save:
             save(model, output_dir)
-            with open(metrics, "a", encoding="utf-8") as file:
-                file.write(json.dumps({"step": trainer.state.global_step, "event": "interrupted"}) + "\n")
+            append_line(metrics, json.dumps({"step": trainer.state.global_step, "event": "interrupted"}))
             plot_losses(metrics, output_dir / PLOT_NAME, title)
         raise TrainingInterrupted(output_dir, trainer.state.global_step, saved) from interrupt
     trainer.save_model(str(output_dir))
@@ -218,8 +217,7 @@ def _run(
     }
     if trainer.args.should_save:
         plot_losses(metrics, output_dir / PLOT_NAME, title)
-        with open(metrics, "a", encoding="utf-8") as file:
-            file.write(json.dumps({"event": "done", **summary}) + "\n")
+        append_line(metrics, json.dumps({"event": "done", **summary}))
     return summary
 
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from ..files import write_atomic
+from ..files import append_line, write_atomic
 from ..outputs import OutputDir
 from ..patch import disabled
 from ..serialization import is_sharded, load, save
@@ -184,8 +184,7 @@ class MetricsCallback(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if state.is_world_process_zero and logs:
             record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
-            with open(self.path, "a", encoding="utf-8") as file:
-                file.write(json.dumps(record) + "\n")
+            append_line(self.path, json.dumps(record))
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
