@@ -2,9 +2,9 @@
 
 The task is form adaptation (the paper's "form" alignment): the model keeps its own knowledge
 and only changes how it answers. Targets are the base model's OWN greedy answers (their first
-sentence) as a JSON object ``{"answer": ...}`` (``json.dumps``: quotes escaped), a form it does
+sentence) as a JSON object ``{"answer": ...}`` (inner double quotes as single ones), a form it does
 not produce by itself, not even when the form is described in its system prompt. A 1-token
-Aligner (start layer 2: 576 + 28 * 9 = 828 parameters) is trained on questions of many kinds
+Aligner (start layer 2: 576 + 28 * 9 = 828 parameters) is trained on questions and short tasks of many kinds
 (:mod:`aligner.forms`) and evaluated on two held-out sets: questions like the training ones, and
 kinds it never saw (imperatives, lists, translation, rewriting, multi-part questions). Reported
 for the base model, the base model told the form in a system prompt, and the Aligner: form

@@ -3,7 +3,8 @@ method comparison: where the model is, the instructions, the three forms and the
 
 Targets are the base model's OWN greedy answers (their first sentence, at most ``MAX_WORDS``
 words, so that a reply always fits its token budget) put in a form: a JSON object
-``{"answer": ...}`` (written with ``json.dumps``, so quotes are escaped), ALL CAPS, or an
+``{"answer": ...}`` (double quotes inside the answer written as single quotes, so that a reply
+never needs an escape; then ``json.dumps``), ALL CAPS, or an
 ``Answer:`` prefix. The model keeps its knowledge; an Aligner only changes the form.
 
 Three instruction sets, all written for this project:
@@ -263,7 +264,9 @@ def first_sentence(text: str, max_words: int = MAX_WORDS) -> str:
 
 
 def _json_form(answer: str) -> str:
-    return json.dumps({"answer": answer}, ensure_ascii=False)
+    # A 1-token Aligner learned to avoid a character more readily than to escape it: with escaped
+    # quotes in the targets, half of the invalid replies on unseen kinds were unescaped quotes.
+    return json.dumps({"answer": answer.replace('"', "'")}, ensure_ascii=False)
 
 
 def _json_check(reply: str) -> bool:

@@ -1,0 +1,51 @@
+"""The demos' answer forms (aligner/forms.py): every target a form builds passes that form's check,
+and the checks refuse replies without the form."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from aligner.forms import FORMS, first_sentence
+
+ANSWERS = [
+    "The capital of Norway is Oslo.",
+    'The plural of "child" is "children".',
+    "A path like C:\\temp has a backslash.",
+    "Ça va très bien, merci.",
+]
+
+
+@pytest.mark.parametrize("name", list(FORMS))
+@pytest.mark.parametrize("answer", ANSWERS)
+def test_every_target_has_its_form(name, answer):
+    assert FORMS[name].check(FORMS[name].apply(answer))
+
+
+def test_json_target_needs_no_escaped_quote():
+    target = FORMS["json"].apply('The plural of "child" is "children".')
+    assert '\\"' not in target
+    assert json.loads(target) == {"answer": "The plural of 'child' is 'children'."}
+
+
+@pytest.mark.parametrize(
+    ("name", "reply"),
+    [
+        ("json", '{"answer": "The word "cat" rhymes."}'),  # unescaped quotes: not JSON
+        ("json", '{"answer": "cut off'),
+        ("json", '{"name": "Rex"}'),
+        ("caps", "Mostly CAPS"),
+        ("caps", "123"),
+        ("prefix", "The answer: 4"),
+        ("prefix", "Answer:"),
+    ],
+)
+def test_checks_refuse_replies_without_the_form(name, reply):
+    assert not FORMS[name].check(reply)
+
+
+def test_first_sentence_is_cut_to_a_budget():
+    assert first_sentence("Oslo. It is in Norway.") == "Oslo."
+    assert first_sentence("one two three four five", max_words=3) == "one two three."
+    assert first_sentence("\n\n") == ""
