@@ -38,7 +38,9 @@ from .common import (
 )
 from .configs import (
     BACKWARD_DKDV_CONFIGS,
+    BACKWARD_DKDV_CONFIGS_SM90,
     BACKWARD_DQ_CONFIGS,
+    BACKWARD_DQ_CONFIGS_SM90,
     ROWWISE_CONFIGS,
     SMALLEST_BLOCK_M,
     block_d,
@@ -531,12 +533,14 @@ _launch_delta = launcher(
 _launch_dq = launcher(
     aligner_attention_bwd_dq_kernel,
     BACKWARD_DQ_CONFIGS,
+    sm90_configs=BACKWARD_DQ_CONFIGS_SM90,
     key=["seqlen_bucket_q", "seqlen_bucket_k", "HEAD_DIM", "GROUP", "CAUSAL"],
     interpreting=INTERPRETING,
 )
 _launch_dkdv = launcher(
     aligner_attention_bwd_dkdv_kernel,
     BACKWARD_DKDV_CONFIGS,
+    sm90_configs=BACKWARD_DKDV_CONFIGS_SM90,
     key=["seqlen_bucket_q", "seqlen_bucket_k", "HEAD_DIM", "GROUP", "CAUSAL"],
     interpreting=INTERPRETING,
 )

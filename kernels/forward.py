@@ -33,6 +33,7 @@ from .common import (
 )
 from .configs import (
     FORWARD_CONFIGS,
+    FORWARD_CONFIGS_SM90,
     block_d,
     block_p,
     dot_precision,
@@ -139,6 +140,7 @@ def aligner_attention_fwd_kernel(
 _launch_forward = launcher(
     aligner_attention_fwd_kernel,
     FORWARD_CONFIGS,
+    sm90_configs=FORWARD_CONFIGS_SM90,
     key=["seqlen_bucket_q", "seqlen_bucket_k", "HEAD_DIM", "GROUP", "CAUSAL"],
     interpreting=INTERPRETING,
 )
