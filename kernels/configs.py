@@ -64,10 +64,12 @@ def _hopper_first(hopper: dict, ampere: dict) -> dict:
 # (227 KB) and register file hold the larger tiles that Triton's fused-attention tutorial and
 # FlashAttention-3 use there: 128 x 128 forward tiles with 8 warps (BLOCK_N = 128), and in the
 # backward long key tiles against short query tiles (dK/dV) and the reverse (dQ), deeply pipelined.
-# They come first, for ALIGNER_AUTOTUNE=0, which runs the first config: with it the H100 ran
-# 1.64x behind SDPA against 1.43x autotuned (shared/gpu/README.md), so the first config matters.
+# They come first, for ALIGNER_AUTOTUNE=0, which runs the first config: with the Ampere-first list
+# an H100 ran N = 0 fwd+bwd 1.64x behind SDPA at 2 x 4k, against 1.36-1.43x autotuned at 8 x 2k
+# and 2 x 8k (shared/gpu/README.md; other shapes, so only a hint that the first config matters).
 # The Ampere configs follow, so autotuning on Hopper chooses among a superset of what it had.
-# Not measured yet on a GPU: the first H100 run of bench_attention.py will tell which one wins.
+# Not timed on a GPU yet: the next H100 run of bench_attention.py tells which ones win. The dQ
+# config at D = 128 with 64-token prefix chunks needs 224 of the 227 KB (tests/test_aot_compile.py).
 FORWARD_CONFIGS_SM90 = _hopper_first(
     {64: [_config(128, 128, 8, 3)], 128: [_config(128, 128, 8, 2)]}, FORWARD_CONFIGS
 )
