@@ -24,9 +24,23 @@ import triton
 import triton.language as tl
 
 from . import configs
+from .common import (
+    INTERPRETING,
+    LOG2E,
+    MANY_TOKENS,
+    NO_PREFIX,
+    ONE_TOKEN,
+    causal_key_ranges,
+    query_block,
+    sequence_bounds,
+    visible,
+    with_prefix_placeholders,
+)
 from .configs import (
     BACKWARD_DKDV_CONFIGS,
+    BACKWARD_DKDV_CONFIGS_SM90,
     BACKWARD_DQ_CONFIGS,
+    BACKWARD_DQ_CONFIGS_SM90,
     ROWWISE_CONFIGS,
     SMALLEST_BLOCK_M,
     block_d,
@@ -37,16 +51,6 @@ from .configs import (
     multiprocessor_count,
     prefix_variant,
     seqlen_bucket,
-)
-from .forward import (
-    INTERPRETING,
-    LOG2E,
-    MANY_TOKENS,
-    NO_PREFIX,
-    ONE_TOKEN,
-    causal_key_ranges,
-    sequence_bounds,
-    with_prefix_placeholders,
 )
 
 
@@ -116,24 +120,19 @@ def aligner_attention_bwd_delta_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
-    head = tl.program_id(1)
-    b = tl.program_id(2)
-    kv_head = head // GROUP
-    q_start, len_q, _, _ = sequence_bounds(CuSeqQ, CuSeqK, b)
-    if start_m * BLOCK_M >= len_q:
+    b, head, kv_head, start_m, len_q, k_start, len_k, offs_m, rows, offs_d, row_mask, mask, past_end = (
+        query_block(CuSeqQ, CuSeqK, GROUP, HEAD_DIM, BLOCK_M, BLOCK_D)
+    )
+    if past_end:
         return
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_mask = offs_m < len_q
-    mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-    rows = q_start.to(tl.int64) + offs_m[:, None]
-    o = tl.load(Out + rows * stride_om + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DOut + rows * stride_dom + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    o = tl.load(Out + rows[:, None] * stride_om + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(
+        DOut + rows[:, None] * stride_dom + head * stride_doh + offs_d[None, :], mask=mask, other=0.0
+    )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
 
     pv_ptrs = PV + b * stride_pvb + kv_head * stride_pvh + offs_d[None, :]
-    row_offset = head * stride_lh + q_start + offs_m
+    row_offset = head * stride_lh + rows
     if PREFIX == NO_PREFIX:
         tl.store(DeltaMain + row_offset, delta, mask=row_mask)
         return
@@ -141,13 +140,13 @@ def aligner_attention_bwd_delta_kernel(
         pv = tl.load(pv_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
         delta_prefix = tl.sum(do.to(tl.float32) * pv.to(tl.float32), 1)
     else:
-        q = tl.load(Q + rows * stride_qm + head * stride_qh + offs_d[None, :], mask=mask, other=0.0)
+        q = tl.load(Q + rows[:, None] * stride_qm + head * stride_qh + offs_d[None, :], mask=mask, other=0.0)
         lse_prefix = tl.load(LsePrefix + row_offset, mask=row_mask, other=float("inf"))
         pk_ptrs = PK + b * stride_pkb + kv_head * stride_pkh + offs_d[None, :]
         delta_prefix = tl.zeros([BLOCK_M], dtype=tl.float32)
         # dO . O_pre = sum_n A_n (dO . PV_n): O_pre itself is never formed.
         for start_p in range(0, num_prefix, BLOCK_P):
-            chunk_pk, a, dp = prefix_chunk(  # PK unused here; not `_`, an int32 earlier in this kernel
+            chunk_pk, a, dp = prefix_chunk(  # chunk_pk unused here
                 q, do, pk_ptrs, pv_ptrs, stride_pkn, stride_pvn, start_p, offs_d, num_prefix, lse_prefix,
                 qk_scale, HEAD_DIM, BLOCK_P, DOT_PRECISION,
             )  # fmt: skip
@@ -192,10 +191,7 @@ def main_dq_tiles(
         v = tl.load(v_ptrs + offs_n[:, None] * stride_vm, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
-            visible = offs_n[None, :] < len_k
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= offs_m[:, None] + (len_k - len_q))
-            s = tl.where(visible, s, float("-inf"))
+            s = tl.where(visible(offs_m[:, None], offs_n[None, :], len_q, len_k, CAUSAL), s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -252,21 +248,16 @@ def aligner_attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
-    head = tl.program_id(1)
-    b = tl.program_id(2)
-    kv_head = head // GROUP
-    q_start, len_q, k_start, len_k = sequence_bounds(CuSeqQ, CuSeqK, b)
-    if start_m * BLOCK_M >= len_q:
+    b, head, kv_head, start_m, len_q, k_start, len_k, offs_m, rows, offs_d, row_mask, mask, past_end = (
+        query_block(CuSeqQ, CuSeqK, GROUP, HEAD_DIM, BLOCK_M, BLOCK_D)
+    )
+    if past_end:
         return
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_mask = offs_m < len_q
-    mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-    rows = q_start.to(tl.int64) + offs_m[:, None]
-    q = tl.load(Q + rows * stride_qm + head * stride_qh + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DOut + rows * stride_dom + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
-    row_offset = head * stride_lh + q_start + offs_m
+    q = tl.load(Q + rows[:, None] * stride_qm + head * stride_qh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(
+        DOut + rows[:, None] * stride_dom + head * stride_doh + offs_d[None, :], mask=mask, other=0.0
+    )
+    row_offset = head * stride_lh + rows
     # Rows past the sequence get lse = +inf, hence p = 0.
     lse = tl.load(Lse + row_offset, mask=row_mask, other=float("inf"))
     delta = tl.load(DeltaMain + row_offset, mask=row_mask, other=0.0)
@@ -299,7 +290,7 @@ def aligner_attention_bwd_dq_kernel(
             dt = gate * a * (dp - delta_prefix[:, None])
             dq += tl.dot(dt.to(pk.dtype), pk, input_precision=DOT_PRECISION)
 
-    dq_ptrs = DQ + rows * stride_dqm + head * stride_dqh + offs_d[None, :]
+    dq_ptrs = DQ + rows[:, None] * stride_dqm + head * stride_dqh + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
 
 
@@ -337,8 +328,8 @@ def main_dkdv_tiles(
         lse = tl.load(lse_ptrs + offs_m, mask=row_mask, other=float("inf"))
         delta = tl.load(delta_ptrs + offs_m, mask=row_mask, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:  # causal diagonal: query i sees key j iff j <= i + len_k - len_q
-            s_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (len_k - len_q), s_t, float("-inf"))
+        if MASKED:  # the causal diagonal
+            s_t = tl.where(visible(offs_m[None, :], offs_n[:, None], len_q, len_k, True), s_t, float("-inf"))
         p_t = tl.exp2(s_t - lse[None, :])
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -542,12 +533,14 @@ _launch_delta = launcher(
 _launch_dq = launcher(
     aligner_attention_bwd_dq_kernel,
     BACKWARD_DQ_CONFIGS,
+    sm90_configs=BACKWARD_DQ_CONFIGS_SM90,
     key=["seqlen_bucket_q", "seqlen_bucket_k", "HEAD_DIM", "GROUP", "CAUSAL"],
     interpreting=INTERPRETING,
 )
 _launch_dkdv = launcher(
     aligner_attention_bwd_dkdv_kernel,
     BACKWARD_DKDV_CONFIGS,
+    sm90_configs=BACKWARD_DKDV_CONFIGS_SM90,
     key=["seqlen_bucket_q", "seqlen_bucket_k", "HEAD_DIM", "GROUP", "CAUSAL"],
     interpreting=INTERPRETING,
 )

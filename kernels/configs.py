@@ -45,6 +45,40 @@ BACKWARD_DKDV_CONFIGS = {
     128: [_config(64, 128, 8, 2), _config(32, 64, 4, 2)],
     256: [_config(32, 64, 4, 1), _config(32, 32, 4, 2)],
 }
+
+
+def _hopper_first(hopper: dict, ampere: dict) -> dict:
+    """Per bucket: the Hopper candidates, then the Ampere ones not among them."""
+
+    def name(c: triton.Config) -> tuple:
+        return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+
+    table = {}
+    for bucket, configs in ampere.items():
+        first = hopper.get(bucket, [])
+        table[bucket] = first + [c for c in configs if name(c) not in {name(h) for h in first}]
+    return table
+
+
+# Hopper (sm_90) tables, chosen on an H100/H200 instead of the ones above. Its larger shared memory
+# (227 KB) and register file hold the larger tiles that Triton's fused-attention tutorial and
+# FlashAttention-3 use there: 128 x 128 forward tiles with 8 warps (BLOCK_N = 128), and in the
+# backward long key tiles against short query tiles (dK/dV) and the reverse (dQ), deeply pipelined.
+# They come first, for ALIGNER_AUTOTUNE=0, which runs the first config: with the Ampere-first list
+# an H100 ran N = 0 fwd+bwd 1.64x behind SDPA at 2 x 4k, against 1.36-1.43x autotuned at 8 x 2k
+# and 2 x 8k (shared/gpu/README.md; other shapes, so only a hint that the first config matters).
+# The Ampere configs follow, so autotuning on Hopper chooses among a superset of what it had.
+# Not timed on a GPU yet: the next H100 run of bench_attention.py tells which ones win. The dQ
+# config at D = 128 with 64-token prefix chunks needs 224 of the 227 KB (tests/test_aot_compile.py).
+FORWARD_CONFIGS_SM90 = _hopper_first(
+    {64: [_config(128, 128, 8, 3)], 128: [_config(128, 128, 8, 2)]}, FORWARD_CONFIGS
+)
+BACKWARD_DQ_CONFIGS_SM90 = _hopper_first(
+    {64: [_config(128, 32, 4, 5)], 128: [_config(128, 32, 4, 5)]}, BACKWARD_DQ_CONFIGS
+)
+BACKWARD_DKDV_CONFIGS_SM90 = _hopper_first(
+    {64: [_config(32, 128, 4, 5)], 128: [_config(32, 128, 4, 5)]}, BACKWARD_DKDV_CONFIGS
+)
 # Split-KV decoding (kernels/decode.py): BLOCK_M is the GQA group's query rows, padded to the 16
 # rows tl.dot needs (the interpreter's BLOCK_M too); a decode step is bound by reading the cache,
 # so the configs differ in the key tile.
@@ -113,36 +147,59 @@ def multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def launcher(kernel, configs_by_bucket: dict, key: list[str], interpreting: bool):
+@functools.cache
+def compute_capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def device_configs(configs_by_bucket: dict, sm90_configs: dict | None, capability: tuple[int, int]) -> dict:
+    """The config table a GPU of this compute capability tunes over: ``sm90_configs`` on Hopper
+    (sm_90) when given, else ``configs_by_bucket`` (Ampere, Ada, and the GPUs not tuned for yet)."""
+    return sm90_configs if sm90_configs is not None and capability[0] == 9 else configs_by_bucket
+
+
+def launcher(
+    kernel, configs_by_bucket: dict, key: list[str], interpreting: bool, sm90_configs: dict | None = None
+):
     """Return ``launch(grid, head_dim, *args, **kwargs)`` running ``kernel`` with the head-dim
     bucket's autotuned config on a GPU, or the fixed small interpreter config when ``kernel`` is
-    interpreted. ``key`` names the arguments the tuning is cached on; sequence lengths enter it
-    only as :func:`seqlen_bucket` values (the ``seqlen_bucket_q/k`` arguments).
+    interpreted. The configs come from ``sm90_configs`` on a Hopper GPU when given, else from
+    ``configs_by_bucket`` (:func:`device_configs`; the device is that of the first argument).
+    ``key`` names the arguments the tuning is cached on; sequence lengths enter it only as
+    :func:`seqlen_bucket` values (the ``seqlen_bucket_q/k`` arguments).
 
     ``ALIGNER_AUTOTUNE=0`` skips autotuning and takes each bucket's first config (one compile
     per variant instead of one per config: quick test runs)."""
-    tuned = (
-        {}
-        if interpreting
-        else {
-            bucket: triton.autotune(configs=configs, key=key)(kernel)
-            for bucket, configs in configs_by_bucket.items()
+
+    def autotuned(table: dict | None) -> dict:
+        if interpreting or table is None:
+            return {}
+        return {
+            bucket: triton.autotune(configs=configs, key=key)(kernel) for bucket, configs in table.items()
         }
-    )
+
+    tuned, tuned_sm90 = autotuned(configs_by_bucket), autotuned(sm90_configs)
 
     def launch(grid, head_dim: int, *args, **kwargs):
         if interpreting:
             with language_restored():
                 return kernel[grid](*args, **kwargs, **INTERPRETER_CONFIG)
         bucket = head_dim_bucket(head_dim)
+        device = args[0].device
+        table = device_configs(
+            configs_by_bucket,
+            sm90_configs,
+            compute_capability(torch.cuda.current_device() if device.index is None else device.index),
+        )
         if os.environ.get("ALIGNER_AUTOTUNE", "1") == "0":
-            config = configs_by_bucket[bucket][0]
+            config = table[bucket][0]
             return kernel[grid](
                 *args, **kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
             )
-        return tuned[bucket][grid](*args, **kwargs)
+        return (tuned_sm90 if table is sm90_configs else tuned)[bucket][grid](*args, **kwargs)
 
-    launch.kernel, launch.key, launch.tuned = kernel, key, tuned  # for tests and inspection
+    # For tests and inspection.
+    launch.kernel, launch.key, launch.tuned, launch.tuned_sm90 = kernel, key, tuned, tuned_sm90
     return launch
 
 

@@ -14,7 +14,7 @@ streaming the sequence's whole cache: at small batch most of the GPU idles. Here
 
 Forward only (no LSE is kept for a backward): ``aligner_attention`` uses it when no gradient is
 needed. Padded and packed layouts, GQA, shared or per-sequence prefix and gate, as the fused
-forward (kernels/forward.py), whose @triton.jit helpers it shares.
+forward (kernels/forward.py), whose @triton.jit helpers (kernels/common.py) it shares.
 """
 
 from __future__ import annotations
@@ -23,6 +23,18 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import (
+    INTERPRETING,
+    LOG2E,
+    MANY_TOKENS,
+    ONE_TOKEN,
+    causal_key_ranges,
+    main_attention_tiles,
+    prefix_attention,
+    query_block,
+    sequence_bounds,
+    with_prefix_placeholders,
+)
 from .configs import (
     DECODE_BLOCK_M,
     DECODE_CONFIGS,
@@ -35,16 +47,6 @@ from .configs import (
     multiprocessor_count,
     prefix_variant,
     seqlen_bucket,
-)
-from .forward import (
-    INTERPRETING,
-    LOG2E,
-    MANY_TOKENS,
-    ONE_TOKEN,
-    main_attention_tiles,
-    prefix_attention,
-    sequence_bounds,
-    with_prefix_placeholders,
 )
 
 
@@ -109,14 +111,12 @@ def aligner_attention_decode_split_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    # This split's keys [key_lo, key_hi); keys below full_end are visible to every query
-    # (causal: j <= i + len_k - len_q holds for all i >= 0). Split bounds are multiples of BLOCK_N.
+    # This split's keys [key_lo, key_hi); keys below full_end are visible to every query: the ranges
+    # of a block that starts at query 0, which sees the fewest keys. Split bounds are multiples of
+    # BLOCK_N.
     key_lo = split * keys_per_split
     key_hi = tl.minimum(key_lo + keys_per_split, len_k)
-    if CAUSAL:
-        full_end = tl.maximum(len_k - len_q + 1, 0) // BLOCK_N * BLOCK_N
-    else:
-        full_end = len_k // BLOCK_N * BLOCK_N
+    full_end, _ = causal_key_ranges(0, len_q, len_k, CAUSAL, BLOCK_M, BLOCK_N)
     mid = tl.maximum(tl.minimum(key_hi, full_end), key_lo)
     acc, row_sum, row_max = main_attention_tiles(
         acc, row_sum, row_max, q, k_ptrs, v_ptrs, stride_km, stride_vm, query, offs_d, key_lo, mid,
@@ -176,18 +176,11 @@ def aligner_attention_decode_combine_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
-    head = tl.program_id(1)
-    b = tl.program_id(2)
-    kv_head = head // GROUP
-    q_start, len_q, _, _ = sequence_bounds(CuSeqQ, CuSeqK, b)
-    if start_m * BLOCK_M >= len_q:
+    b, head, kv_head, start_m, len_q, k_start, len_k, offs_m, rows, offs_d, row_mask, mask, past_end = (
+        query_block(CuSeqQ, CuSeqK, GROUP, HEAD_DIM, BLOCK_M, BLOCK_D)
+    )
+    if past_end:
         return
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_mask = offs_m < len_q
-    mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-    rows = q_start.to(tl.int64) + offs_m
 
     # Merge the splits' partial softmaxes, rescaling as the running max grows (as over key tiles).
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)

@@ -9,6 +9,8 @@ flash attention, for layers without an Aligner).
 
 Sequences are always addressed through cu_seqlens (a padded batch is a packed batch of equal
 lengths), so one kernel serves both layouts. Log-sum-exps are kept in base 2 (exp2 is cheaper).
+The kernel is made of the shared building blocks of kernels/common.py: the query-block prologue,
+the causal key ranges, and the main and prefix tile loops (which decode.py runs too).
 """
 
 from __future__ import annotations
@@ -16,132 +18,29 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
 
 from . import configs
-from .configs import FORWARD_CONFIGS, block_d, block_p, dot_precision, launcher, prefix_variant, seqlen_bucket
-
-LOG2E = 1.4426950408889634
-# The PREFIX switch's values, as constants the jitted code can compare against.
-NO_PREFIX = tl.constexpr(configs.NO_PREFIX)
-ONE_TOKEN = tl.constexpr(configs.ONE_TOKEN)
-MANY_TOKENS = tl.constexpr(configs.MANY_TOKENS)
-# Whether the kernels below were decorated for the interpreter (this module's interpreted copy,
-# kernels/interpreted.py, or TRITON_INTERPRET=1 set by the user).
-INTERPRETING = knobs.runtime.interpret
-
-
-@triton.jit
-def sequence_bounds(CuSeqQ, CuSeqK, b):
-    """Start offsets and lengths of sequence b in the packed query and key tensors."""
-    q_start = tl.load(CuSeqQ + b)
-    k_start = tl.load(CuSeqK + b)
-    len_q = tl.load(CuSeqQ + b + 1) - q_start
-    len_k = tl.load(CuSeqK + b + 1) - k_start
-    return q_start, len_q, k_start, len_k
-
-
-@triton.jit
-def causal_key_ranges(
-    start_m, len_q, len_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
-):
-    """Keys [0, full_end) are visible to every query of the block (no mask needed); keys
-    [full_end, end) need the causal / length mask. Bottom-right causal alignment: query i sees
-    key j iff j <= i + (len_k - len_q)."""
-    if CAUSAL:
-        shift = len_k - len_q
-        end = tl.minimum((start_m + 1) * BLOCK_M + shift, len_k)
-        full_end = tl.minimum(start_m * BLOCK_M + shift + 1, len_k)
-        end = tl.maximum(end, 0)
-        full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
-    else:
-        end = len_k
-        full_end = len_k // BLOCK_N * BLOCK_N
-    return full_end, end
-
-
-@triton.jit
-def main_attention_tiles(
-    acc,
-    row_sum,
-    row_max,
-    q,
-    k_ptrs,
-    v_ptrs,
-    stride_km,
-    stride_vm,
-    offs_m,
-    offs_d,
-    key_lo,
-    key_hi,
-    len_q,
-    len_k,
-    qk_scale,
-    CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Online-softmax accumulation of keys [key_lo, key_hi) into (acc, row_sum, row_max)."""
-    for start_n in range(key_lo, key_hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n[:, None] < len_k) & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_ptrs + offs_n[:, None] * stride_km, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            visible = offs_n[None, :] < len_k
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= offs_m[:, None] + (len_k - len_q))
-            s = tl.where(visible, s, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(s, 1))
-        # A row that has seen no visible key yet keeps max -inf; shift by 0 to avoid inf - inf.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        p = tl.exp2(s - shift[:, None])
-        alpha = tl.exp2(row_max - shift)
-        row_sum = row_sum * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs + offs_n[:, None] * stride_vm, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        row_max = new_max
-    return acc, row_sum, row_max
-
-
-@triton.jit
-def prefix_attention(
-    q,
-    pk_ptrs,
-    pv_ptrs,
-    stride_pkn,
-    stride_pvn,
-    offs_d,
-    num_prefix,
-    qk_scale,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """softmax(s q PK^T) PV over the N prefix tokens, streamed BLOCK_P at a time.
-    Returns O_pre (fp32) and its base-2 log-sum-exp."""
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for start_p in range(0, num_prefix, BLOCK_P):
-        offs_p = start_p + tl.arange(0, BLOCK_P)
-        p_mask = (offs_p[:, None] < num_prefix) & (offs_d[None, :] < HEAD_DIM)
-        pk = tl.load(pk_ptrs + offs_p[:, None] * stride_pkn, mask=p_mask, other=0.0)
-        s = tl.dot(q, tl.trans(pk), input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(offs_p[None, :] < num_prefix, s, float("-inf"))
-        # Every chunk holds at least one real token, so new_max is finite.
-        new_max = tl.maximum(row_max, tl.max(s, 1))
-        a = tl.exp2(s - new_max[:, None])
-        alpha = tl.exp2(row_max - new_max)
-        row_sum = row_sum * alpha + tl.sum(a, 1)
-        pv = tl.load(pv_ptrs + offs_p[:, None] * stride_pvn, mask=p_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(a.to(pv.dtype), pv, input_precision=DOT_PRECISION)
-        row_max = new_max
-    return acc / row_sum[:, None], row_max + tl.log2(row_sum)
+from .common import (
+    INTERPRETING,
+    LOG2E,
+    MANY_TOKENS,
+    ONE_TOKEN,
+    causal_key_ranges,
+    main_attention_tiles,
+    prefix_attention,
+    query_block,
+    with_prefix_placeholders,
+)
+from .configs import (
+    FORWARD_CONFIGS,
+    FORWARD_CONFIGS_SM90,
+    block_d,
+    block_p,
+    dot_precision,
+    launcher,
+    prefix_variant,
+    seqlen_bucket,
+)
 
 
 @triton.jit
@@ -187,25 +86,12 @@ def aligner_attention_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
-    head = tl.program_id(1)
-    b = tl.program_id(2)
-    kv_head = head // GROUP
-    q_start, len_q, k_start, len_k = sequence_bounds(CuSeqQ, CuSeqK, b)
-    if start_m * BLOCK_M >= len_q:
-        return
-
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_mask = (offs_m[:, None] < len_q) & (offs_d[None, :] < HEAD_DIM)
-    q_ptrs = (
-        Q
-        + q_start.to(tl.int64) * stride_qm
-        + head * stride_qh
-        + offs_m[:, None] * stride_qm
-        + offs_d[None, :]
+    b, head, kv_head, start_m, len_q, k_start, len_k, offs_m, rows, offs_d, row_mask, mask, past_end = (
+        query_block(CuSeqQ, CuSeqK, GROUP, HEAD_DIM, BLOCK_M, BLOCK_D)
     )
-    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    if past_end:
+        return
+    q = tl.load(Q + rows[:, None] * stride_qm + head * stride_qh + offs_d[None, :], mask=mask, other=0.0)
     k_ptrs = K + k_start.to(tl.int64) * stride_km + kv_head * stride_kh + offs_d[None, :]
     v_ptrs = V + k_start.to(tl.int64) * stride_vm + kv_head * stride_vh + offs_d[None, :]
 
@@ -229,7 +115,7 @@ def aligner_attention_fwd_kernel(
     lse = tl.where(has_keys, row_max + tl.log2(row_sum), float("inf"))
 
     pv_ptrs = PV + b * stride_pvb + kv_head * stride_pvh + offs_d[None, :]
-    row_offset = head * stride_lh + q_start + offs_m
+    row_offset = head * stride_lh + rows
     if PREFIX == ONE_TOKEN:
         pv = tl.load(pv_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
         out += tl.load(Gate + b * stride_gb + head) * pv.to(tl.float32)
@@ -241,26 +127,11 @@ def aligner_attention_fwd_kernel(
             HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_P, DOT_PRECISION,
         )  # fmt: skip
         out += gate * out_prefix
-        tl.store(LsePrefix + row_offset, lse_prefix, mask=offs_m < len_q)
+        tl.store(LsePrefix + row_offset, lse_prefix, mask=row_mask)
 
-    tl.store(Lse + row_offset, lse, mask=offs_m < len_q)
-    o_ptrs = (
-        Out
-        + q_start.to(tl.int64) * stride_om
-        + head * stride_oh
-        + offs_m[:, None] * stride_om
-        + offs_d[None, :]
-    )
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
-
-
-def with_prefix_placeholders(prefix_k, prefix_v, gate, q):
-    """Without a prefix the kernels never read PK/PV/Gate (PREFIX = NO_PREFIX compiles them out),
-    but every pointer argument must still be a valid device address: q stands in for them."""
-    if prefix_k is None:
-        placeholder = q.unsqueeze(0)
-        return placeholder, placeholder, q, 0
-    return prefix_k, prefix_v, gate, prefix_k.shape[1]
+    tl.store(Lse + row_offset, lse, mask=row_mask)
+    o_ptrs = Out + rows[:, None] * stride_om + head * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask)
 
 
 # The prefix switches are not in the key: every prefix variant of a shape runs the main attention
@@ -269,6 +140,7 @@ def with_prefix_placeholders(prefix_k, prefix_v, gate, q):
 _launch_forward = launcher(
     aligner_attention_fwd_kernel,
     FORWARD_CONFIGS,
+    sm90_configs=FORWARD_CONFIGS_SM90,
     key=["seqlen_bucket_q", "seqlen_bucket_k", "HEAD_DIM", "GROUP", "CAUSAL"],
     interpreting=INTERPRETING,
 )

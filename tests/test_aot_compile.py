@@ -17,9 +17,10 @@ a rerun with unchanged kernels takes seconds.
 
 A case is a kernel (fwd, bwd_delta, bwd_dq, bwd_dkdv, bwd_prefix, decode_split,
 decode_combine), a head dim of SUPPORTED_HEAD_DIMS, a config its launcher may pick for that head
-dim's bucket (bwd_prefix: its fixed configs.PREFIX_REDUCTION_CONFIG;
-decode_combine: BLOCK_M=DECODE_BLOCK_M, 4 warps, 1 stage), a dtype (fp16, bf16), a target and
-values of the compile-time switches, with DOT_PRECISION="tf32" and BLOCK_D=block_d(HEAD_DIM).
+dim's bucket on that target (the *_SM90 tables on sm_90; bwd_prefix: its fixed
+configs.PREFIX_REDUCTION_CONFIG; decode_combine: BLOCK_M=DECODE_BLOCK_M, 4 warps, 1 stage), a dtype
+(fp16, bf16), a target and values of the compile-time switches, with DOT_PRECISION="tf32" and
+BLOCK_D=block_d(HEAD_DIM).
 Arguments are specialized like a real launch on 16-byte aligned tensors whose sizes and strides
 are multiples of 16 (``tt.divisibility=16`` on every pointer and integer). That is what lets the
 pipeliner stage loads through shared memory (cp.async / TMA), so it is the launch that uses the
@@ -81,8 +82,9 @@ def kernel_functions() -> dict:
     }
 
 
-def launch_configs(kernel: str, head_dim: int) -> list[tuple[int, int, int, int]]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) the launcher may run for this head dim."""
+def launch_configs(kernel: str, head_dim: int, capability: int) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) the launcher may run for this head dim on a GPU
+    of this compute capability (80, 90): the Hopper tables on sm_90 where the kernel has one."""
     from aligner_kernels import configs
 
     if kernel == "bwd_prefix":  # not autotuned: see configs.PREFIX_REDUCTION_CONFIG
@@ -90,13 +92,14 @@ def launch_configs(kernel: str, head_dim: int) -> list[tuple[int, int, int, int]
         return [(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)]
     if kernel == "decode_combine":  # not autotuned (and has no BLOCK_N): see aligner_attention_decode
         return [(configs.DECODE_BLOCK_M, None, 4, 1)]
-    table = {
-        "fwd": configs.FORWARD_CONFIGS,
-        "decode_split": configs.DECODE_CONFIGS,
-        "bwd_delta": configs.ROWWISE_CONFIGS,
-        "bwd_dq": configs.BACKWARD_DQ_CONFIGS,
-        "bwd_dkdv": configs.BACKWARD_DKDV_CONFIGS,
+    tables = {
+        "fwd": (configs.FORWARD_CONFIGS, configs.FORWARD_CONFIGS_SM90),
+        "decode_split": (configs.DECODE_CONFIGS, None),
+        "bwd_delta": (configs.ROWWISE_CONFIGS, None),
+        "bwd_dq": (configs.BACKWARD_DQ_CONFIGS, configs.BACKWARD_DQ_CONFIGS_SM90),
+        "bwd_dkdv": (configs.BACKWARD_DKDV_CONFIGS, configs.BACKWARD_DKDV_CONFIGS_SM90),
     }[kernel]
+    table = configs.device_configs(*tables, divmod(capability, 10))
     return [
         (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
         for c in table[configs.head_dim_bucket(head_dim)]
@@ -172,7 +175,8 @@ def enumerate_cases(sweep: str) -> list[dict]:
         KERNELS, configs.SUPPORTED_HEAD_DIMS, DTYPES, sorted(SHARED_MEMORY_LIMIT)
     ):
         params = {p.name for p in fns[kernel].params if p.is_constexpr}
-        for index, (block_m, block_n, warps, stages) in enumerate(launch_configs(kernel, head_dim)):
+        configs_here = launch_configs(kernel, head_dim, capability)
+        for index, (block_m, block_n, warps, stages) in enumerate(configs_here):
             for switches in switch_variants(params, sweep, dtype, first_config=index == 0):
                 cases.append(
                     {
@@ -370,7 +374,7 @@ def test_every_launch_config_compiles_and_fits_shared_memory():
         for kernel, head_dim, dtype, capability in itertools.product(
             KERNELS, SUPPORTED_HEAD_DIMS, DTYPES, SHARED_MEMORY_LIMIT
         )
-        for config in launch_configs(kernel, head_dim)
+        for config in launch_configs(kernel, head_dim, capability)
     }
     assert compiled == expected
 

@@ -233,6 +233,35 @@ def test_autotune_keys_settle():
     assert all(configs.seqlen_bucket(n) == 2048 for n in range(1025, 2049))
 
 
+def test_hopper_launchers_tune_over_the_sm90_tables():
+    """On sm_90 the fused launchers tune over the Hopper tables: a Hopper config first (the one
+    ALIGNER_AUTOTUNE=0 runs), then every Ampere config of the bucket, none twice. Every other GPU
+    keeps the Ampere tables."""
+    from aligner_kernels import backward, configs, decode, forward
+
+    def names(table):
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in table]
+
+    launchers = {
+        forward._launch_forward: (configs.FORWARD_CONFIGS, configs.FORWARD_CONFIGS_SM90),
+        backward._launch_dq: (configs.BACKWARD_DQ_CONFIGS, configs.BACKWARD_DQ_CONFIGS_SM90),
+        backward._launch_dkdv: (configs.BACKWARD_DKDV_CONFIGS, configs.BACKWARD_DKDV_CONFIGS_SM90),
+    }
+    for launch, (ampere, hopper) in launchers.items():
+        assert configs.device_configs(ampere, hopper, (9, 0)) is hopper
+        for capability in ((8, 0), (8, 6), (8, 9), (10, 0), (12, 0)):
+            assert configs.device_configs(ampere, hopper, capability) is ampere
+        assert hopper.keys() == ampere.keys() == launch.tuned.keys() == launch.tuned_sm90.keys()
+        for bucket in ampere:
+            assert names(launch.tuned[bucket].configs) == names(ampere[bucket])
+            assert names(launch.tuned_sm90[bucket].configs) == names(hopper[bucket])
+            assert len(set(names(hopper[bucket]))) == len(hopper[bucket])
+            assert set(names(ampere[bucket])) <= set(names(hopper[bucket]))
+        assert names(hopper[128])[0] not in names(ampere[128])
+    assert names(configs.FORWARD_CONFIGS_SM90[128])[0][:2] == (128, 128)  # BLOCK_N = 128 forward
+    assert not decode._launch_split.tuned_sm90  # decoding has no Hopper table yet
+
+
 @pytest.mark.parametrize("num_tokens", [1, 7])
 def test_backward_is_deterministic(num_tokens):
     inputs, varlen = make_inputs(seqlens=[(30, 30), (21, 21)], num_tokens=num_tokens, heads=4, kv_heads=1)
