@@ -191,13 +191,11 @@ def choose(
     dout = torch.randn(q.shape, generator=generator, device=q.device, dtype=q.dtype) if needs_grad else None
     leaves = [x for x in tensors if x is not None]
 
-    def run(backend: str) -> Callable[[], object]:
-        def step():
-            with torch.enable_grad() if needs_grad else torch.no_grad():
-                out = aligner_attention(*tensors, backend=backend, **options)
-                if needs_grad:
-                    torch.autograd.grad(out, leaves, dout)
+    def run(backend: str) -> None:
+        with torch.enable_grad() if needs_grad else torch.no_grad():
+            out = aligner_attention(*tensors, backend=backend, **options)
+            if needs_grad:
+                torch.autograd.grad(out, leaves, dout)
 
-        return step
-
-    return chooser.choose(key, {name: run(name) for name in CANDIDATES}, allowed)
+    runs = {name: functools.partial(run, backend=name) for name in CANDIDATES}
+    return chooser.choose(key, runs, allowed)
