@@ -163,9 +163,12 @@ def choose(
     """ "fused" or "split" for a call of :func:`aligner.aligner_attention` whose inputs both take.
 
     The measurement runs on detached copies of the inputs (forward, and backward with a random
-    dO when ``needs_grad``), so it leaves no trace in the caller's graph. While compiling or
-    capturing a CUDA graph nothing is measured: a cached choice is used, else fused.
+    dO when ``needs_grad``), so it leaves no trace in the caller's graph. While ``torch.compile``
+    traces, auto is fused (one opaque op); while a CUDA graph is captured nothing is measured: a
+    cached choice is used, else fused.
     """
+    if torch.compiler.is_compiling():  # keep the traced code free of file and timing work
+        return "fused"
     allowed = allowed_backends(needs_grad)
     if allowed == ("fused",):
         return "fused"
@@ -174,8 +177,7 @@ def choose(
         q, k, prefix_k, causal=causal, packed=cu_seqlens_q is not None,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, needs_grad=needs_grad,
     )  # fmt: skip
-    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    if torch.compiler.is_compiling() or capturing:
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
         known = chooser.timings().get(key)
         return "fused" if known is None else min(allowed, key=lambda name: known[name])
     from .attention import aligner_attention  # the public op runs each candidate
