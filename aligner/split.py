@@ -16,7 +16,6 @@ project's causal mask to the bottom-right; an explicit mask would cost SDPA its 
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 import torch
@@ -25,15 +24,12 @@ from torch import Tensor
 
 from .triton_op import _as_batched_gate, _as_batched_prefix, _last_dim_contiguous, load_kernels
 
-
-@functools.cache
-def flash_attn_available() -> bool:
-    """Whether the optional flash-attn package is installed."""
-    return importlib.util.find_spec("flash_attn") is not None
+# The optional flash-attn package, looked up once (a constant for torch.compile's tracing).
+FLASH_ATTN_AVAILABLE = importlib.util.find_spec("flash_attn") is not None
 
 
 def _uses_flash_attn(q: Tensor) -> bool:
-    return flash_attn_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    return FLASH_ATTN_AVAILABLE and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def split_unsupported(
@@ -127,6 +123,11 @@ def split_prefix_add_(
         q, main, _as_batched_prefix(prefix_k, batch), _as_batched_prefix(prefix_v, batch),
         _as_batched_gate(gate, batch), cu_seqlens_q, max_seqlen_q, softmax_scale, main,
     )  # fmt: skip
+
+
+@split_prefix_add_.register_fake
+def _(q, main, prefix_k, prefix_v, gate, cu_seqlens_q, max_seqlen_q, softmax_scale):
+    return None
 
 
 @torch.library.custom_op("aligner::split_prefix_backward", mutates_args=())

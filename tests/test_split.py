@@ -161,6 +161,23 @@ def test_split_backward_is_deterministic():
         assert torch.equal(a, b), name
 
 
+def test_split_compiles_in_one_graph():
+    """The prefix op is a torch.library custom op: torch.compile(fullgraph=True) traces the split
+    form (SDPA + the op) without a graph break, forward and backward, with the eager results."""
+    torch._dynamo.reset()
+    inputs, _ = make_inputs(num_tokens=3, seqlen_q=16, heads=2, kv_heads=1)
+    compiled = torch.compile(
+        lambda *x: aligner_attention(*x, backend="split"), fullgraph=True, backend="aot_eager"
+    )
+    eager = forward_backward(inputs, backend="split")
+    out = compiled(*inputs)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
+    grads = torch.autograd.grad(out, inputs, dout)  # forward_backward's dO
+    torch.testing.assert_close(out, eager[0], rtol=0, atol=1e-6)
+    for name, a, b in zip(NAMES[1:], grads, eager[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
 def test_split_float64_is_refused():
     (q, k, v, pk, pv, gate), _ = make_inputs(num_tokens=2, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"backend='split'.*float64"):
