@@ -95,9 +95,9 @@ def aligner_attention(
         out: (batch_size, seqlen_q, nheads, headdim), or packed (total_q, nheads, headdim); q's
         dtype. Differentiable in q, k, v, prefix_k, prefix_v and gate.
 
-    With the fused backend, a query block of at most 16 tokens (decoding) that needs no gradient
-    runs the split-KV forward (flash-decoding: the keys are split across programs, the partial
-    softmaxes merged, the gated prefix added once); otherwise the fused kernels.
+    On every kernel backend (fused, split, auto), a query block of at most 16 tokens (decoding)
+    that needs no gradient runs the split-KV forward (flash-decoding: the keys are split across
+    programs, the partial softmaxes merged, the gated prefix added once).
     """
     backend = backend or os.environ.get("ALIGNER_BACKEND", "auto")
     if backend not in BACKENDS:
@@ -127,7 +127,7 @@ def aligner_attention(
                 causal=causal, softmax_scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, needs_grad=needs_grad,
             )  # fmt: skip
-        if backend in ("auto", "split") and unsupported is None:
+        if backend == "split" and unsupported is None:
             return split_attention(
                 q, k, v, prefix_k, prefix_v, gate,
                 causal=causal, scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,

@@ -208,7 +208,9 @@ def split_attention(
     if gate is None:
         return main
     packed = cu_seqlens_q is not None
-    if not packed:  # the prefix kernels address a padded batch as packed sequences of equal length
+    if packed:  # the prefix kernels read cu_seqlens as a dense array
+        cu_seqlens_q = cu_seqlens_q.contiguous()
+    else:  # the prefix kernels address a padded batch as packed sequences of equal length
         batch = q.shape[0]
         cu_seqlens_q = torch.arange(
             0, (batch + 1) * max_seqlen_q, max_seqlen_q, dtype=torch.int32, device=q.device
