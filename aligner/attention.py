@@ -10,17 +10,19 @@ from torch import Tensor
 
 from aligner_kernels import SUPPORTED_HEAD_DIMS
 
+from . import backend_choice
 from .checks import check_attention_inputs
 from .reference import aligner_attention_reference
+from .split import split_attention, split_unsupported
 from .triton_op import fused_attention_forward, fused_decode_forward
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "fused", "split", "reference")
 # Query blocks up to this long (decoding with a KV cache, speculative verification) run the
 # split-KV forward when no gradient is needed.
 DECODE_MAX_QUERIES = 16
 
 
-def _use_triton(backend: str, q: Tensor) -> bool:
+def _use_kernels(backend: str, q: Tensor) -> bool:
     if backend == "reference":
         return False
     if backend == "auto" and q.device.type != "cuda":
@@ -33,8 +35,8 @@ def _use_triton(backend: str, q: Tensor) -> bool:
         reason = "float64 has no Triton kernel (use float16, bfloat16 or float32)"
     if reason is None:
         return True
-    if backend == "triton":
-        raise ValueError(f"backend='triton': {reason}")
+    if backend != "auto":
+        raise ValueError(f"backend={backend!r}: {reason}")
     warnings.warn(f"aligner_attention falls back to the PyTorch reference: {reason}", stacklevel=3)
     return False
 
@@ -81,17 +83,21 @@ def aligner_attention(
         cu_seqlens_k: (batch_size + 1,) int32, cumulative key lengths.
         max_seqlen_q: longest query sequence of the packed batch (computed if None).
         max_seqlen_k: longest key sequence of the packed batch (computed if None).
-        backend: "auto" (Triton on CUDA tensors, the PyTorch reference elsewhere), "triton"
-            (CPU tensors run through the Triton interpreter) or "reference". Defaults to the
+        backend: "auto" (on CUDA tensors the faster of "fused" and "split", measured once per
+            shape bucket and cached, see :mod:`aligner.backend_choice`; the PyTorch reference on
+            other devices), "fused" (our fused Triton kernels; CPU tensors run through the Triton
+            interpreter), "split" (the main attention through SDPA or flash-attn plus our Triton
+            prefix kernels; inputs SDPA cannot take, packed or causal with seqlen_q != seqlen_k,
+            run the fused kernels unless flash-attn is installed) or "reference". Defaults to the
             ``ALIGNER_BACKEND`` environment variable, else "auto".
 
     Returns:
         out: (batch_size, seqlen_q, nheads, headdim), or packed (total_q, nheads, headdim); q's
         dtype. Differentiable in q, k, v, prefix_k, prefix_v and gate.
 
-    With the Triton backend, a query block of at most 16 tokens (decoding) that needs no gradient
-    runs the split-KV forward (flash-decoding: the keys are split across programs, the partial
-    softmaxes merged, the gated prefix added once); otherwise the fused kernels.
+    On every kernel backend (fused, split, auto), a query block of at most 16 tokens (decoding)
+    that needs no gradient runs the split-KV forward (flash-decoding: the keys are split across
+    programs, the partial softmaxes merged, the gated prefix added once).
     """
     backend = backend or os.environ.get("ALIGNER_BACKEND", "auto")
     if backend not in BACKENDS:
@@ -102,12 +108,38 @@ def aligner_attention(
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )  # fmt: skip
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    if not _use_triton(backend, q):
+    if not _use_kernels(backend, q):
         return aligner_attention_reference(
             q, k, v, prefix_k, prefix_v, gate,
             causal=causal, softmax_scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         )  # fmt: skip
 
+    packed = cu_seqlens_q is not None
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, prefix_k, prefix_v, gate)
+    )
+    decoding = max_seqlen_q <= DECODE_MAX_QUERIES and not needs_grad
+    if backend != "fused" and not decoding:
+        unsupported = split_unsupported(q, packed, causal, max_seqlen_q, max_seqlen_k)
+        if backend == "auto" and unsupported is None:
+            backend = backend_choice.choose(
+                q, k, v, prefix_k, prefix_v, gate,
+                causal=causal, softmax_scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, needs_grad=needs_grad,
+            )  # fmt: skip
+        if backend == "split" and unsupported is None:
+            return split_attention(
+                q, k, v, prefix_k, prefix_v, gate,
+                causal=causal, scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+            )  # fmt: skip
+    return _fused(q, k, v, prefix_k, prefix_v, gate, causal, scale, cu_seqlens_q, cu_seqlens_k,
+                  max_seqlen_q, max_seqlen_k, decoding)  # fmt: skip
+
+
+def _fused(q, k, v, prefix_k, prefix_v, gate, causal, scale, cu_seqlens_q, cu_seqlens_k,
+           max_seqlen_q, max_seqlen_k, decoding) -> Tensor:  # fmt: skip
+    """The fused kernels (the split-KV forward when decoding) on validated inputs."""
     packed = cu_seqlens_q is not None
     if packed:  # the kernels read cu_seqlens as dense arrays
         cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
@@ -122,10 +154,9 @@ def aligner_attention(
         q, k, v = (x.reshape(-1, *x.shape[2:]) for x in (q, k, v))
     if gate is not None:  # the kernels read an fp32 gate as a dense array
         gate = gate.float().contiguous()
-    inputs = (q, k, v, prefix_k, prefix_v, gate, cu_seqlens_q, cu_seqlens_k)
-    args = (*inputs, max_seqlen_q, max_seqlen_k, float(scale), causal)
-    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
-    if max_seqlen_q <= DECODE_MAX_QUERIES and not needs_grad:
+    args = (q, k, v, prefix_k, prefix_v, gate, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    args = (*args, float(scale), causal)
+    if decoding:
         out = fused_decode_forward(*args)
     else:
         out, _, _ = fused_attention_forward(*args)

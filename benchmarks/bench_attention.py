@@ -4,7 +4,10 @@ TFLOP/s count only the main attention (4·B·H·L_q·L_k·D for the forward, hal
 the backward 2.5x that), the same formula for every method, so a prefix shows up as lost
 throughput. Methods (each where it runs):
 
-- ``aligner``: this project's fused kernel (N = 0 is its plain flash attention);
+- ``fused``: this project's fused kernels (N = 0 is their plain flash attention);
+- ``split``: SDPA (or flash-attn) for the main attention plus this project's prefix kernels;
+- ``auto``: ``aligner_attention``'s default, the faster of the two as measured on first use
+  (the ``chose`` column; on CPU auto is the PyTorch reference);
 - ``sdpa-flash`` / ``sdpa-efficient`` / ``sdpa-cudnn``: PyTorch SDPA without a prefix, one backend
   each: the ceiling to meet;
 - ``unfused``: what the paper's code and LLaMA-Adapter do: SDPA over the sequence, a second SDPA
@@ -27,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from aligner import aligner_attention
+from aligner import aligner_attention, backend_choice
 
 try:  # make `python benchmarks/bench_attention.py` and `import benchmarks.bench_attention` both work
     from .common import benchmark_parser, median_ms, peak_memory_mb, run_and_record
@@ -97,9 +100,28 @@ def _sdpa(backend_name: str | None):
     return run
 
 
-def _aligner(inputs: dict, shape: Shape) -> torch.Tensor:
-    prefix = [inputs[name] for name in ("prefix_k", "prefix_v", "gate")] if shape.num_tokens else []
-    return aligner_attention(inputs["q"], inputs["k"], inputs["v"], *prefix, causal=shape.causal)
+def _aligner(backend: str):
+    def run(inputs: dict, shape: Shape) -> torch.Tensor:
+        prefix = [inputs[name] for name in ("prefix_k", "prefix_v", "gate")] if shape.num_tokens else []
+        return aligner_attention(
+            inputs["q"], inputs["k"], inputs["v"], *prefix, causal=shape.causal, backend=backend
+        )
+
+    return run
+
+
+def _auto_choice(inputs: dict, shape: Shape, needs_grad: bool) -> str | None:
+    """What auto runs for these inputs: the measured choice (None where auto does not measure)."""
+    if not inputs["q"].is_cuda:
+        return "reference"
+    key = backend_choice.choice_key(
+        inputs["q"], inputs["k"], inputs.get("prefix_k"), causal=shape.causal, packed=False,
+        max_seqlen_q=shape.seqlen, max_seqlen_k=shape.seqlen, needs_grad=needs_grad,
+    )  # fmt: skip
+    timings = backend_choice.default_chooser().timings().get(key)
+    if timings is None:
+        return None
+    return min(backend_choice.allowed_backends(needs_grad), key=timings.__getitem__)
 
 
 def _unfused(inputs: dict, shape: Shape, eager_prefix: bool = False) -> torch.Tensor:
@@ -146,7 +168,9 @@ def _flash_attn(inputs: dict, shape: Shape) -> torch.Tensor:
 
 
 METHODS = {
-    "aligner": _aligner,
+    "fused": _aligner("fused"),
+    "split": _aligner("split"),
+    "auto": _aligner("auto"),
     "sdpa-flash": _sdpa("FLASH_ATTENTION"),
     "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),
     "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
@@ -178,11 +202,19 @@ def measure(method: str, shape: Shape, dtype: torch.dtype, device: torch.device)
     def forward_backward():
         torch.autograd.grad(run(inputs, shape), leaves, dout)
 
+    forward()  # warm both modes: autotuning, auto's one-time measurement per key
+    forward_backward()
+    chose = {}
+    if method == "auto":
+        chose = {
+            f"chose_{mode}": _auto_choice(inputs, shape, mode == "fwd_bwd") for mode in ("fwd", "fwd_bwd")
+        }
     fwd_ms = median_ms(forward, device)
     fwd_bwd_ms = median_ms(forward_backward, device)
     flops = shape.main_attention_flops() * 3.5  # forward + backward (2.5x)
     return {
         **row,
+        **chose,
         "fwd_ms": fwd_ms,
         "bwd_ms": fwd_bwd_ms - fwd_ms,
         "fwd_bwd_ms": fwd_bwd_ms,

@@ -75,7 +75,7 @@ def _decode_step(args: argparse.Namespace, batch: int, cache: int) -> dict:
             prefix = (rand(num_tokens, kv_heads, head_dim), rand(num_tokens, kv_heads, head_dim), gate)
         split = [q, k, v, *prefix] if num_tokens else [q, k, v]
         steps["aligner-split-kv", num_tokens] = functools.partial(
-            aligner.aligner_attention, *split, backend="triton"
+            aligner.aligner_attention, *split, backend="fused"
         )
         steps["aligner-fused", num_tokens] = functools.partial(
             torch.ops.aligner.fused_attention_forward,

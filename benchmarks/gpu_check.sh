@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The prepared GPU check, for a fresh GPU machine with no network (torch, triton, transformers,
 # peft, pytest, pytest-xdist, hypothesis preinstalled). Within 7 minutes on one H100 with a cold
-# Triton cache (each stage has a time limit; the limits sum to 6m40s):
+# Triton cache (each stage has a time limit; the limits sum to 7m30s):
 #   1. the tests, in two processes side by side: the kernel, library and model tests on CUDA with
 #      the compiled kernels (fp16, bf16, fp32; one autotune config per kernel variant) in 12
 #      xdist workers, and the CPU/interpreter tests (ALIGNER_TEST_DEVICE=cpu, same process as a
 #      visible GPU: the isolation of part 1 of issue 9) in 3;
 #   2. the kernel-level decode rows (B = 1, 8, 32; L_k = 2k, 8k, 32k; N = 0, 1, 10; vs SDPA);
-#   3. the key attention rows: L = 2k and 8k, D = 128, N in {0, 1, 10}, every method;
+#   3. the key attention rows: L = 2k and 8k, D = 128, N in {0, 1, 10}, every method (fused, split,
+#      auto and the baselines; auto's measured choices land in $OUT/cache/aligner/backend_choice.json);
 #   4. one training-step row per method on a few LLaMA-2-7B-shaped layers.
 # Every stage is stopped with SIGINT at its limit (pytest then still prints its failures) and
 # writes its log to $OUT as it runs, so a run cut short still reports; $OUT/summary.txt gets one
@@ -53,7 +54,8 @@ echo "== 1. tests: CUDA (12 workers) and CPU/interpreter (3 workers), side by si
 PYTEST=(python -m pytest -q -p no:cacheprovider -rfE)
 run_stage tests-cuda 170 env ALIGNER_TEST_DEVICE=cuda ALIGNER_AUTOTUNE=0 "${PYTEST[@]}" -n 12 \
     tests/test_kernels.py tests/test_decode.py tests/test_isolation.py tests/test_modules.py \
-    tests/test_errors.py tests/test_reference.py tests/test_patch.py --junitxml="$OUT/tests-cuda.xml" &
+    tests/test_errors.py tests/test_reference.py tests/test_patch.py tests/test_split.py \
+    tests/test_backend_choice.py --junitxml="$OUT/tests-cuda.xml" &
 run_stage tests-cpu 170 env ALIGNER_TEST_DEVICE=cpu "${PYTEST[@]}" -n 3 \
     tests/test_isolation.py tests/test_decode.py tests/test_errors.py --junitxml="$OUT/tests-cpu.xml" &
 wait
@@ -66,7 +68,7 @@ run_stage decode-kernel 75 python benchmarks/bench_decode.py --kernel --rounds 5
 tail -n 4 "$OUT/decode-kernel.log"
 
 echo "== 3. attention rows"
-run_stage attention 100 python benchmarks/bench_attention.py --seqlens 2048 8192 --head-dims 128 \
+run_stage attention 150 env XDG_CACHE_HOME="$OUT/cache" python benchmarks/bench_attention.py --seqlens 2048 8192 --head-dims 128 \
     --kv-heads 8 --num-tokens 0 1 10 --results-dir "$OUT"
 tail -n 3 "$OUT/attention.log"
 

@@ -18,13 +18,14 @@ import types
 
 from .configs import SUPPORTED_HEAD_DIMS
 
-KERNEL_MODULES = ("forward", "backward", "decode")
+KERNEL_MODULES = ("forward", "backward", "decode", "prefix")
 
 
 @functools.cache
 def load(interpreted: bool) -> types.SimpleNamespace:
-    """The launchers ``aligner_attention_forward``, ``aligner_attention_backward`` and
-    ``aligner_attention_decode``, and ``INTERPRETING``: run by the Triton interpreter (for CPU
+    """The launchers ``aligner_attention_forward``, ``aligner_attention_backward``,
+    ``aligner_attention_decode``, ``aligner_prefix_forward`` and ``aligner_prefix_backward`` (the
+    split backend's prefix term), and ``INTERPRETING``: run by the Triton interpreter (for CPU
     tensors) if ``interpreted``, else compiled for the GPU (interpreted as well if the user set
     TRITON_INTERPRET=1 before importing Triton)."""
     package = __name__
@@ -32,11 +33,15 @@ def load(interpreted: bool) -> types.SimpleNamespace:
         from .interpreted import interpreted_package
 
         package = interpreted_package(sys.modules[__name__], KERNEL_MODULES).__name__
-    forward, backward, decode = (importlib.import_module(f"{package}.{name}") for name in KERNEL_MODULES)
+    forward, backward, decode, prefix = (
+        importlib.import_module(f"{package}.{name}") for name in KERNEL_MODULES
+    )
     return types.SimpleNamespace(
         aligner_attention_forward=forward.aligner_attention_forward,
         aligner_attention_backward=backward.aligner_attention_backward,
         aligner_attention_decode=decode.aligner_attention_decode,
+        aligner_prefix_forward=prefix.aligner_prefix_forward,
+        aligner_prefix_backward=prefix.aligner_prefix_backward,
         INTERPRETING=forward.INTERPRETING,
     )
 

@@ -98,10 +98,15 @@ ROWWISE_CONFIGS = {
 # count): one config for every head dim, compiled for each by tests/test_aot_compile.py (D = 256 is
 # the tightest fit).
 PREFIX_REDUCTION_CONFIG = _config(64, 16, 4, 2)
+# The split backend's prefix kernels (kernels/prefix.py): row-wise like Delta, with the prefix tile
+# held as well; not autotuned (the forward may write in place), one config per head-dim bucket.
+SPLIT_PREFIX_CONFIGS = {64: _config(64, 16, 4, 2), 128: _config(64, 16, 4, 2), 256: _config(32, 16, 4, 1)}
 # The smallest BLOCK_M any launcher may run the row-wise kernels with (buffers of per-block
 # partials are sized by it).
 SMALLEST_BLOCK_M = min(
-    INTERPRETER_CONFIG["BLOCK_M"], *(c.kwargs["BLOCK_M"] for cs in ROWWISE_CONFIGS.values() for c in cs)
+    INTERPRETER_CONFIG["BLOCK_M"],
+    *(c.kwargs["BLOCK_M"] for cs in ROWWISE_CONFIGS.values() for c in cs),
+    *(c.kwargs["BLOCK_M"] for c in SPLIT_PREFIX_CONFIGS.values()),
 )
 
 # The kernels' compile-time PREFIX switch: no prefix (plain flash attention: a layer without an

@@ -75,7 +75,7 @@ def make_inputs(
     return (q, k, v, prefix_k, prefix_v, gate), varlen
 
 
-def forward_backward(inputs, dout=None, backend="triton", **kwargs):
+def forward_backward(inputs, dout=None, backend="fused", **kwargs):
     """Output and the gradients of every input for ``dout`` (default: a fixed random dO)."""
     fn = aligner_attention_reference if backend == "reference" else aligner_attention
     if backend != "reference":
@@ -96,15 +96,15 @@ def _compare(name, actual, expected, allowed):
     assert error <= allowed, f"{name}: max error {error:.3e} > allowed {allowed:.3e}"
 
 
-def check_against_reference(inputs, **options):
-    """The Triton path's output and gradients against the reference.
+def check_against_reference(inputs, backend="fused", **options):
+    """The output and gradients of ``backend`` ("fused" or "split") against the reference.
 
     fp32: within FP32_ATOL (relative to the magnitude for dgate and the prefix gradients, which
     are sums over every row). fp16/bf16, as flash-attn's own tests do: the kernel's error against
     an fp32 reference is at most twice that of the reference computed in the same low precision,
     plus one unit of the dtype's precision.
     """
-    actual = forward_backward(inputs, **options)
+    actual = forward_backward(inputs, backend=backend, **options)
     dtype = inputs[0].dtype
     if dtype not in LOW_PRECISION:
         expected = forward_backward(inputs, backend="reference", **options)

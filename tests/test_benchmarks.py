@@ -24,10 +24,20 @@ def test_attention_rows(benchmark, tmp_path):
     argv = ["--results-dir", str(tmp_path)] + [
             "--device", "cpu", "--dtype", "float32", "--tokens", "64", "--seqlens", "32", "--heads", "2",
             "--kv-heads", "1", "--head-dims", "32", "--num-tokens", "0", "1", "3",
-            "--methods", "aligner", "sdpa-flash", "unfused", "peft-eager"]  # fmt: skip
+            "--methods", "fused", "split", "auto", "sdpa-flash", "unfused", "peft-eager"]  # fmt: skip
     rows = benchmark.pedantic(bench_attention.main, args=(argv,), rounds=1, iterations=1)
     measured = {(row["method"], row["num_tokens"]) for row in rows if "fwd_bwd_ms" in row}
-    assert {("aligner", 0), ("aligner", 1), ("aligner", 3), ("sdpa-flash", 0), ("unfused", 3)} <= measured
+    assert {
+        ("fused", 0),
+        ("fused", 1),
+        ("fused", 3),
+        ("split", 0),
+        ("split", 1),
+        ("split", 3),
+        ("auto", 3),
+    } <= measured
+    assert {("sdpa-flash", 0), ("unfused", 3)} <= measured
+    assert all(row["chose_fwd_bwd"] == "reference" for row in rows if row["method"] == "auto")  # CPU
     assert all(row["fwd_bwd_ms"] > 0 and row["tflops"] > 0 for row in rows if "fwd_bwd_ms" in row)
 
 

@@ -53,7 +53,7 @@ def test_decode_matches_reference(case, monkeypatch):
         "fused_decode_forward",
         lambda *args: calls.append(args) or torch.ops.aligner.fused_decode_forward(*args),
     )
-    out = aligner_attention(*inputs, backend="triton", **options)
+    out = aligner_attention(*inputs, backend="fused", **options)
     assert len(calls) == 1  # no gradient needed, short queries: the split-KV kernels ran
     expected = aligner_attention_reference(*inputs, **options)
     dtype = inputs[0].dtype
@@ -71,7 +71,7 @@ def test_with_gradient_the_fused_kernels_run(monkeypatch):
     """Decode-shaped inputs that need a gradient take the fused forward (which has a backward)."""
     inputs, _ = make_inputs(seqlen_q=1, seqlen_k=40, num_tokens=3)
     monkeypatch.setattr(aligner.attention, "fused_decode_forward", None)  # would fail if called
-    out = aligner_attention(*inputs, backend="triton")
+    out = aligner_attention(*inputs, backend="fused")
     grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
     ref_inputs = tuple(x.detach().requires_grad_() for x in inputs)
     ref = aligner_attention_reference(*ref_inputs)
@@ -85,7 +85,7 @@ def test_longer_query_blocks_take_the_fused_forward(monkeypatch):
     inputs, _ = make_inputs(seqlen_q=17, seqlen_k=20, num_tokens=2, heads=2, kv_heads=1)
     monkeypatch.setattr(aligner.attention, "fused_decode_forward", None)
     with torch.no_grad():
-        out = aligner_attention(*inputs, backend="triton")
+        out = aligner_attention(*inputs, backend="fused")
         torch.testing.assert_close(out, aligner_attention_reference(*inputs), atol=FP32_ATOL, rtol=0)
 
 
@@ -95,7 +95,7 @@ def test_decode_loop_matches_full_recompute():
     with torch.no_grad():
         full = aligner_attention_reference(q, k, v, pk, pv, gate)
         for t in (1, 2, 15, 16, 17, 20):  # split and tile boundaries
-            step = aligner_attention(q[:, t - 1 : t], k[:, :t], v[:, :t], pk, pv, gate, backend="triton")
+            step = aligner_attention(q[:, t - 1 : t], k[:, :t], v[:, :t], pk, pv, gate, backend="fused")
             torch.testing.assert_close(step[:, 0], full[:, t - 1], atol=FP32_ATOL, rtol=0)
 
 
@@ -108,7 +108,7 @@ def test_autotuning_settles_over_a_decode_loop(monkeypatch):
     (q, k, v, pk, pv, gate), _ = make_inputs(seqlen_q=1, seqlen_k=300, num_tokens=3, head_dim=128)
     with torch.no_grad():
         for cache in range(101, 301):
-            aligner_attention(q, k[:, :cache], v[:, :cache], pk, pv, gate, backend="triton")
+            aligner_attention(q, k[:, :cache], v[:, :cache], pk, pv, gate, backend="fused")
     keys = decode._launch_split.tuned[128].cache
     assert 1 <= len(keys) <= 3  # caches 101..300: buckets 128, 256, 512
 

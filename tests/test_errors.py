@@ -49,7 +49,7 @@ def _to_test_device(x):
 
 def call(args, **overrides):
     kwargs = {"backend": "reference", **args, **overrides}
-    on_gpu = kwargs["backend"] == "triton" and DEVICE.type == "cuda"
+    on_gpu = kwargs["backend"] == "fused" and DEVICE.type == "cuda"
     if on_gpu:
         kwargs = {name: _to_test_device(x) for name, x in kwargs.items()}
     positional = [kwargs.pop(name) for name in ("q", "k", "v", "prefix_k", "prefix_v", "gate")]
@@ -60,7 +60,7 @@ def call(args, **overrides):
 # Strided and contiguous copies of the same values: the Triton kernels read them through strides
 # and give identical bits; PyTorch's CPU SDPA (inside the reference) picks different code paths
 # by layout, which moves the last bit of fp32 (seen: 4.8e-7).
-SAME_VALUES = {"triton": dict(rtol=0, atol=0), "reference": dict(rtol=1e-6, atol=1e-6)}
+SAME_VALUES = {"fused": dict(rtol=0, atol=0), "reference": dict(rtol=1e-6, atol=1e-6)}
 
 
 def test_valid_inputs_work():
@@ -439,13 +439,13 @@ def test_bad_input_names_the_argument(base, overrides, error, match):
         call(base(), **overrides)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "fused"])
 def test_per_sequence_gate_is_accepted(backend):
     """A (batch, heads) gate: one row per sequence, padded and packed; dgate has the gate's shape."""
     for base in (batched, packed):
         args = base()
         args["gate"] = torch.randn(B, H, generator=torch.Generator().manual_seed(5)).requires_grad_()
-        if backend == "triton":
+        if backend == "fused":
             args = {name: _to_test_device(x) for name, x in args.items()}
             args["gate"] = args["gate"].detach().requires_grad_()
         out = call(args, backend=backend)
@@ -465,23 +465,23 @@ def test_unknown_backend_from_environment(monkeypatch):
         call(args, backend=None)
 
 
-def test_checks_run_before_any_kernel_for_triton():
-    """A shape error is reported as such under backend='triton' too, not as a kernel failure."""
+def test_checks_run_before_any_kernel_for_fused():
+    """A shape error is reported as such under backend='fused' too, not as a kernel failure."""
     with pytest.raises(ValueError, match=r"k and v"):
-        call(batched(head_dim=32), v=torch.randn(B, L + 1, H_KV, 32), backend="triton")
+        call(batched(head_dim=32), v=torch.randn(B, L + 1, H_KV, 32), backend="fused")
 
 
-# --- backend='triton': unsupported configurations ------------------------------------------
+# --- backend='fused': unsupported configurations ------------------------------------------
 
 
-def test_triton_unsupported_head_dim():
-    with pytest.raises(ValueError, match=r"backend='triton'.*head_dim 48"):
-        call(batched(head_dim=48), backend="triton")
+def test_fused_unsupported_head_dim():
+    with pytest.raises(ValueError, match=r"backend='fused'.*head_dim 48"):
+        call(batched(head_dim=48), backend="fused")
 
 
-def test_triton_float64():
-    with pytest.raises(ValueError, match=r"backend='triton'.*float64"):
-        call(batched(head_dim=32, dtype=torch.float64), backend="triton")
+def test_fused_float64():
+    with pytest.raises(ValueError, match=r"backend='fused'.*float64"):
+        call(batched(head_dim=32, dtype=torch.float64), backend="fused")
 
 
 def test_auto_backend_on_cpu_uses_reference_for_any_head_dim():
@@ -537,10 +537,10 @@ def _cu(lengths):
 
 def _for_backend(tensors, backend):
     """The Triton cases run on the test device (strides kept); the reference stays on the CPU."""
-    return tuple(_to_test_device(x) for x in tensors) if backend == "triton" else tensors
+    return tuple(_to_test_device(x) for x in tensors) if backend == "fused" else tensors
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "fused"])
 @pytest.mark.parametrize("num_prefix", [1, 3])
 @pytest.mark.parametrize("per_sequence", [False, True], ids=["shared", "per_seq"])
 def test_noncontiguous_batched(backend, num_prefix, per_sequence):
@@ -549,13 +549,13 @@ def test_noncontiguous_batched(backend, num_prefix, per_sequence):
     want = aligner_attention(*_for_backend(contiguous, backend), backend=backend).cpu()
     assert out.shape == views[0].shape
     torch.testing.assert_close(out, want, **SAME_VALUES[backend])
-    if backend == "triton":  # and it agrees with the reference
+    if backend == "fused":  # and it agrees with the reference
         torch.testing.assert_close(
             out, aligner_attention(*contiguous, backend="reference"), rtol=1e-5, atol=1e-5
         )
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "fused"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_noncontiguous_packed(backend, causal):
     len_q, len_k = [5, 17, 1], [9, 17, 6]
@@ -565,28 +565,28 @@ def test_noncontiguous_packed(backend, causal):
     out = aligner_attention(*_for_backend(views, backend), **kwargs).cpu()
     want = aligner_attention(*_for_backend(contiguous, backend), **kwargs).cpu()
     torch.testing.assert_close(out, want, **SAME_VALUES[backend])
-    if backend == "triton":
+    if backend == "fused":
         ref = aligner_attention(
             *contiguous, causal=causal, cu_seqlens_q=_cu(len_q), cu_seqlens_k=_cu(len_k), backend="reference"
         )
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_noncontiguous_triton_backward():
+def test_noncontiguous_fused_backward():
     """Gradients through the Triton backend with transposed inputs match the reference's."""
     views, _ = _noncontiguous_batched(2, 20, 4, 2, 32, 3, per_sequence=False)
     grads = {}
     # a non-contiguous upstream gradient as well
     dout = torch.randn(2, 4, 20, 32, generator=torch.Generator().manual_seed(3)).transpose(1, 2)
-    for backend in ("triton", "reference"):
+    for backend in ("fused", "reference"):
         leaves = tuple(x.detach().requires_grad_() for x in _for_backend(views, backend))
         out = aligner_attention(*leaves, backend=backend)
         grads[backend] = torch.autograd.grad(out, leaves, *_for_backend((dout,), backend))
-    for got, want in zip(grads["triton"], grads["reference"]):
+    for got, want in zip(grads["fused"], grads["reference"]):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "fused"])
 def test_noncontiguous_gate(backend):
     """A gate that is a strided view (e.g. one column of a table of per-layer gates)."""
     args = batched(head_dim=32, num_prefix=3)
@@ -598,7 +598,7 @@ def test_noncontiguous_gate(backend):
     torch.testing.assert_close(call(args, gate=gate_view, backend=backend), want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "fused"])
 def test_noncontiguous_cu_seqlens(backend):
     args = packed(len_q=(3, 4), len_k=(3, 5))
     args = {name: (x.contiguous() if name in ("q", "k", "v") else x) for name, x in args.items()}
@@ -618,10 +618,10 @@ def test_noncontiguous_cu_seqlens(backend):
 
 
 @pytest.mark.parametrize("num_prefix", [1, 3])
-def test_float32_gate_with_float16_q_triton(num_prefix):
+def test_float32_gate_with_float16_q_fused(num_prefix):
     args = batched(len_q=20, len_k=20, head_dim=32, num_prefix=num_prefix, dtype=torch.float16)
     assert args["gate"].dtype == torch.float32
-    out = call(args, backend="triton")
+    out = call(args, backend="fused")
     assert out.dtype == torch.float16 and out.shape == args["q"].shape
     ref = call(args, backend="reference")  # float32 math on the same fp16 inputs
     assert ref.dtype == torch.float16
@@ -647,13 +647,13 @@ def test_infinite_softmax_scale_is_rejected():
         call(batched(), softmax_scale=float("inf"))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "fused"])
 def test_empty_batch_is_rejected(backend):
     with pytest.raises(ValueError, match=r"batch >= 1 and seqlen >= 1"):
         call(batched(batch=0, head_dim=32), backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "fused"])
 def test_empty_sequences_are_rejected(backend):
     with pytest.raises(ValueError, match=r"batch >= 1 and seqlen >= 1"):
         call(batched(len_q=0, len_k=0, head_dim=32), backend=backend)

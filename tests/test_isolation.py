@@ -1,6 +1,6 @@
 """Interpreted (CPU) and compiled (GPU) kernels side by side in one process, with no side effects.
 
-``backend="triton"`` on CPU tensors runs an interpreted copy of the kernel modules
+``backend="fused"`` on CPU tensors runs an interpreted copy of the kernel modules
 (kernels/interpreted.py); it must leave the process as it found it: no TRITON_INTERPRET, no
 Triton knob changed, no Triton module modified, and a kernel that someone else decorates
 afterwards is compiled as usual.
@@ -52,20 +52,20 @@ def _global_state() -> dict:
 def _run_every_cpu_kernel():
     """Fused forward and backward, and the split-KV decode forward, on CPU tensors."""
     inputs, _ = _cpu_inputs()
-    out = aligner_attention(*inputs, backend="triton")
+    out = aligner_attention(*inputs, backend="fused")
     torch.autograd.grad(out, inputs, torch.ones_like(out))
     with torch.no_grad():
         q, k, v, *prefix = inputs
-        aligner_attention(q[:, -1:], k, v, *prefix, backend="triton")
+        aligner_attention(q[:, -1:], k, v, *prefix, backend="fused")
 
 
 @user_interprets
-def test_cpu_triton_call_leaves_the_process_unchanged():
+def test_cpu_fused_call_leaves_the_process_unchanged():
     before = _global_state()
     _run_every_cpu_kernel()
     after = _global_state()
     for name in before:
-        assert after[name] == before[name], f"{name} changed by a CPU backend='triton' call"
+        assert after[name] == before[name], f"{name} changed by a CPU backend='fused' call"
 
     @triton.jit
     def unrelated_kernel(X):
@@ -99,7 +99,7 @@ def test_cpu_then_cuda_then_cpu_in_one_process():
 
     def check(device):
         leaves = tuple(x.detach().to(device).requires_grad_() for x in inputs)
-        out = aligner_attention(*leaves, backend="triton")
+        out = aligner_attention(*leaves, backend="fused")
         grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
         ref_leaves = tuple(x.detach().requires_grad_() for x in inputs)
         ref = aligner_attention_reference(*ref_leaves)
@@ -109,7 +109,7 @@ def test_cpu_then_cuda_then_cpu_in_one_process():
             torch.testing.assert_close(got.cpu(), want, atol=1e-3, rtol=1e-3)
         with torch.no_grad():  # the split-KV decode forward
             q, k, v, *prefix = leaves
-            step = aligner_attention(q[:, -1:], k, v, *prefix, backend="triton")
+            step = aligner_attention(q[:, -1:], k, v, *prefix, backend="fused")
             torch.testing.assert_close(step.cpu(), ref[:, -1:].detach(), atol=2e-4, rtol=2e-4)
 
     check("cpu")

@@ -172,8 +172,8 @@ def test_zero_gate_row_is_plain_attention_exactly(num_tokens):
         assert torch.equal(grad[1], plain[1])
     assert not torch.equal(out[0], plain_out[0])
     with torch.no_grad():  # the split-KV decode forward too
-        step = aligner_attention(q[:, -1:], k, v, pk, pv, gate, backend="triton")
-        plain_step = aligner_attention(q[:, -1:], k, v, backend="triton")
+        step = aligner_attention(q[:, -1:], k, v, pk, pv, gate, backend="fused")
+        plain_step = aligner_attention(q[:, -1:], k, v, backend="fused")
     assert torch.equal(step[1], plain_step[1])
 
 
@@ -199,9 +199,9 @@ def test_decoding_matches_full_recompute():
     """L_q = 1 against a growing KV cache (bottom-right causal) == the last row recomputed in full."""
     (q, k, v, pk, pv, gate), _ = make_inputs(seqlen_q=12, num_tokens=3)
     q, k, v = (x.detach() for x in (q, k, v))
-    full = aligner_attention(q, k, v, pk, pv, gate, backend="triton")
+    full = aligner_attention(q, k, v, pk, pv, gate, backend="fused")
     for t in range(1, 13):
-        step = aligner_attention(q[:, t - 1 : t], k[:, :t], v[:, :t], pk, pv, gate, backend="triton")
+        step = aligner_attention(q[:, t - 1 : t], k[:, :t], v[:, :t], pk, pv, gate, backend="fused")
         torch.testing.assert_close(step[:, 0], full[:, t - 1], atol=1e-5, rtol=1e-5)
 
 

@@ -53,7 +53,7 @@ def test_prefix_parameters():
         AlignerPrefix(0, 16)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "fused"])
 def test_fresh_aligner_leaves_attention_unchanged(backend):
     block, prefix = make_block(backend)
     x = torch.randn(2, 10, HIDDEN, device=DEVICE)
@@ -65,7 +65,7 @@ def test_fresh_aligner_leaves_attention_unchanged(backend):
     torch.testing.assert_close(block(x, prefix()), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "fused"])
 def test_gradients_reach_prefix_tokens_and_gate(backend):
     block, prefix = make_block(backend)
     with torch.no_grad():
@@ -77,7 +77,7 @@ def test_gradients_reach_prefix_tokens_and_gate(backend):
 
 
 def test_matches_reference_with_projected_prefix():
-    block, prefix = make_block("triton")
+    block, prefix = make_block("fused")
     with torch.no_grad():
         block.aligner.gate.normal_()
     x = torch.randn(2, 12, HIDDEN, device=DEVICE)
@@ -104,7 +104,7 @@ def test_prefix_tokens_need_projections():
         block.aligner(q, k, k, prefix())
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "fused"])
 def test_torch_compile_captures_the_op(backend):
     """fullgraph=True: the fused op is one node of the graph (custom op with fake tensors)."""
     block, prefix = make_block(backend)

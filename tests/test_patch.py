@@ -286,13 +286,13 @@ def test_unsupported_models_get_a_clear_error():
         aligner.patch(model_of("llama-mha"), start_layer=5)
 
 
-def test_triton_backend_in_the_model_matches_the_reference():
+def test_fused_backend_in_the_model_matches_the_reference():
     """The whole model through the Triton kernels (interpreter on CPU): padded batch and generation."""
     ids, mask = tokens(2, 9), torch.ones(2, 9, dtype=torch.long, device=DEVICE)
     mask[0, :3] = 0  # left padding in the first sequence
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
     results = {}
-    for backend in ("reference", "triton"):
+    for backend in ("reference", "fused"):
         model = aligner.patch(
             model_of("llama-gqa-bias", num_hidden_layers=2), num_tokens=3, start_layer=1, backend=backend
         )
@@ -304,5 +304,5 @@ def test_triton_backend_in_the_model_matches_the_reference():
             ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0
         )
         results[backend] = (logits * mask[..., None], generated)
-    torch.testing.assert_close(results["triton"][0], results["reference"][0], atol=1e-4, rtol=1e-4)
-    assert torch.equal(results["triton"][1], results["reference"][1])
+    torch.testing.assert_close(results["fused"][0], results["reference"][0], atol=1e-4, rtol=1e-4)
+    assert torch.equal(results["fused"][1], results["reference"][1])
