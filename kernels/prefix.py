@@ -31,7 +31,7 @@ from .configs import (
     interpreter_scope,
     prefix_variant,
 )
-from .forward import INTERPRETING, LOG2E, ONE_TOKEN, prefix_attention, sequence_bounds
+from .common import INTERPRETING, LOG2E, ONE_TOKEN, prefix_attention, sequence_bounds
 
 
 @triton.jit
