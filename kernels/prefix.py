@@ -21,6 +21,7 @@ import triton.language as tl
 
 from . import configs
 from .backward import _prefix_splits, aligner_attention_bwd_prefix_kernel, prefix_chunk
+from .common import INTERPRETING, LOG2E, ONE_TOKEN, prefix_attention, sequence_bounds
 from .configs import (
     SMALLEST_BLOCK_M,
     SPLIT_PREFIX_CONFIGS,
@@ -31,7 +32,6 @@ from .configs import (
     interpreter_scope,
     prefix_variant,
 )
-from .common import INTERPRETING, LOG2E, ONE_TOKEN, prefix_attention, sequence_bounds
 
 
 @triton.jit
