@@ -546,6 +546,59 @@ _launch_dkdv = launcher(
 )
 
 
+def prefix_token_gradients(
+    q: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    gate: torch.Tensor,
+    dout: torch.Tensor,
+    lse_prefix: torch.Tensor,
+    delta_prefix: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    prefix_strides: tuple[int, ...],
+    num_prefix: int,
+    max_seqlen_q: int,
+    shared_prefix: bool,
+    softmax_scale: float,
+    qk_scale: float,
+    kernel_options: dict,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dPK and dPV (prefix dtype; (N, H_kv, D) when ``shared_prefix`` else (B, N, H_kv, D)) through
+    :func:`aligner_attention_bwd_prefix_kernel`: fixed-order partials per program, summed here, so
+    the result is bitwise deterministic. Shared by the fused and the split backward;
+    ``kernel_options`` holds GROUP, HEAD_DIM, BLOCK_D, BLOCK_P, PREFIX and DOT_PRECISION."""
+    batch = cu_seqlens_q.shape[0] - 1
+    kv_heads, head_dim = prefix_k.shape[-2], q.shape[-1]
+    # A shared prefix sums over every sequence, a per-sequence one over its own.
+    single = kernel_options["PREFIX"] == configs.ONE_TOKEN
+    reduction = configs.PREFIX_REDUCTION_CONFIG  # not autotuned: see its comment in configs.py
+    block_m = 16 if INTERPRETING else reduction.kwargs["BLOCK_M"]
+    chunks = 1 if single else triton.cdiv(num_prefix, kernel_options["BLOCK_P"])
+    sequence_groups, sequences_per_program = (1, batch) if shared_prefix else (batch, 1)
+    splits = _prefix_splits(q.device, chunks * kv_heads * sequence_groups, max_seqlen_q, block_m)
+    partial_shape = (sequence_groups * splits, num_prefix, kv_heads, head_dim)
+    dpv_partial = torch.empty(partial_shape, device=q.device, dtype=torch.float32)
+    dpk_partial = torch.empty((0,) if single else partial_shape, device=q.device, dtype=torch.float32)
+    launch_options = (
+        {} if INTERPRETING else {"num_warps": reduction.num_warps, "num_stages": reduction.num_stages}
+    )
+    with interpreter_scope(INTERPRETING):
+        aligner_attention_bwd_prefix_kernel[(chunks, kv_heads, sequence_groups * splits)](
+            q, prefix_k, prefix_v, gate, dout, dpk_partial, dpv_partial, lse_prefix, delta_prefix,
+            cu_seqlens_q, cu_seqlens_k, q.stride(0), q.stride(1), *prefix_strides, dout.stride(0),
+            dout.stride(1), *dpv_partial.stride()[:3], delta_prefix.stride(0), num_prefix,
+            sequences_per_program, splits, softmax_scale, qk_scale, BLOCK_M=block_m, BLOCK_N=16,
+            **kernel_options, **launch_options,
+        )  # fmt: skip
+    partial_to_grad = (
+        (lambda t: t.sum(0)) if shared_prefix else (lambda t: t.view(batch, splits, *t.shape[1:]).sum(1))
+    )
+    dprefix_v = partial_to_grad(dpv_partial).to(prefix_v.dtype)
+    dprefix_k = torch.zeros_like(dprefix_v) if single else partial_to_grad(dpk_partial).to(prefix_k.dtype)
+    return dprefix_k, dprefix_v
+
+
 def _prefix_splits(device: torch.device, programs: int, max_seqlen_q: int, block_m: int) -> int:
     """Query-block splits per prefix program: enough programs to fill the GPU, few partials."""
     if device.type != "cuda":
@@ -640,33 +693,11 @@ def aligner_attention_backward(
 
     if not has_prefix:
         return dq, dk, dv, None, None, None
-    # Prefix reductions: a shared prefix sums over every sequence, a per-sequence one over its own.
-    single = variant == configs.ONE_TOKEN
-    reduction = configs.PREFIX_REDUCTION_CONFIG  # not autotuned: see its comment in configs.py
-    block_m = 16 if INTERPRETING else reduction.kwargs["BLOCK_M"]
-    chunk = block_p(num_prefix)
-    chunks = 1 if single else triton.cdiv(num_prefix, chunk)
-    sequence_groups, sequences_per_program = (1, batch) if shared_prefix else (batch, 1)
-    splits = _prefix_splits(q.device, chunks * kv_heads * sequence_groups, max_seqlen_q, block_m)
-    partial_shape = (sequence_groups * splits, num_prefix, kv_heads, head_dim)
-    dpv_partial = torch.empty(partial_shape, device=q.device, dtype=torch.float32)
-    dpk_partial = torch.empty((0,) if single else partial_shape, device=q.device, dtype=torch.float32)
-    launch_options = (
-        {} if INTERPRETING else {"num_warps": reduction.num_warps, "num_stages": reduction.num_stages}
-    )
-    with interpreter_scope(INTERPRETING):
-        aligner_attention_bwd_prefix_kernel[(chunks, kv_heads, sequence_groups * splits)](
-            q, prefix_k, prefix_v, gate, dout, dpk_partial, dpv_partial, lse_prefix, delta_prefix,
-            cu_seqlens_q, cu_seqlens_k, q.stride(0), q.stride(1), *prefix_strides, dout.stride(0),
-            dout.stride(1), *dpv_partial.stride()[:3], lse.stride(0), num_prefix, sequences_per_program,
-            splits, softmax_scale, qk_scale, BLOCK_P=chunk, PREFIX=variant, BLOCK_M=block_m, BLOCK_N=16,
-            **common, **launch_options,
-        )  # fmt: skip
-    partial_to_grad = (
-        (lambda t: t.sum(0)) if shared_prefix else (lambda t: t.view(batch, splits, *t.shape[1:]).sum(1))
-    )
-    dprefix_v = partial_to_grad(dpv_partial).to(prefix_v.dtype)
-    dprefix_k = torch.zeros_like(dprefix_v) if single else partial_to_grad(dpk_partial).to(prefix_k.dtype)
+    dprefix_k, dprefix_v = prefix_token_gradients(
+        q, prefix_k, prefix_v, gate, dout, lse_prefix, delta_prefix, cu_seqlens_q, cu_seqlens_k,
+        prefix_strides, num_prefix, max_seqlen_q, shared_prefix, softmax_scale, qk_scale,
+        {**common, "BLOCK_P": block_p(num_prefix), "PREFIX": variant},
+    )  # fmt: skip
     dgate = dgate_partial.sum(2)
     if shared_gate:
         dgate = dgate.sum(0)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .backward import _prefix_splits, aligner_attention_bwd_prefix_kernel, prefix_chunk
+from .backward import prefix_chunk, prefix_token_gradients
 from .common import INTERPRETING, LOG2E, ONE_TOKEN, prefix_attention, sequence_bounds
 from .configs import (
     SMALLEST_BLOCK_M,
@@ -232,32 +232,12 @@ def aligner_prefix_backward(
             dgate_partial.stride(1), num_prefix, softmax_scale, qk_scale, **common, **options,
         )  # fmt: skip
 
-    # dPK / dPV: the fused backward's reduction kernel, launched as the fused backward does.
-    reduction = configs.PREFIX_REDUCTION_CONFIG
-    block_m = configs.INTERPRETER_CONFIG["BLOCK_M"] if INTERPRETING else reduction.kwargs["BLOCK_M"]
-    chunks = 1 if single else triton.cdiv(num_prefix, common["BLOCK_P"])
-    sequence_groups, sequences_per_program = (1, batch) if shared_prefix else (batch, 1)
-    splits = _prefix_splits(q.device, chunks * kv_heads * sequence_groups, max_seqlen_q, block_m)
-    partial_shape = (sequence_groups * splits, num_prefix, kv_heads, head_dim)
-    dpv_partial = torch.empty(partial_shape, device=q.device, dtype=torch.float32)
-    dpk_partial = torch.empty((0,) if single else partial_shape, device=q.device, dtype=torch.float32)
-    launch = {} if INTERPRETING else {"num_warps": reduction.num_warps, "num_stages": reduction.num_stages}
-    with interpreter_scope(INTERPRETING):
-        aligner_attention_bwd_prefix_kernel[(chunks, kv_heads, sequence_groups * splits)](
-            q, prefix_k, prefix_v, gate, dout, dpk_partial, dpv_partial, lse_prefix, delta_prefix,
-            cu_seqlens_q, cu_seqlens_q, q.stride(0), q.stride(1), *prefix_strides, dout.stride(0),
-            dout.stride(1), *dpv_partial.stride()[:3], delta_prefix.stride(0), num_prefix,
-            sequences_per_program, splits, softmax_scale, qk_scale, GROUP=common["GROUP"],
-            HEAD_DIM=head_dim, BLOCK_D=common["BLOCK_D"], BLOCK_P=common["BLOCK_P"], PREFIX=common["PREFIX"],
-            DOT_PRECISION=common["DOT_PRECISION"], BLOCK_M=block_m, BLOCK_N=16, **launch,
-        )  # fmt: skip
-    if shared_prefix:
-        dprefix_v = dpv_partial.sum(0)
-        dprefix_k = None if single else dpk_partial.sum(0)
-    else:
-        dprefix_v = dpv_partial.view(batch, splits, *partial_shape[1:]).sum(1)
-        dprefix_k = None if single else dpk_partial.view(batch, splits, *partial_shape[1:]).sum(1)
-    dprefix_v = dprefix_v.to(prefix_v.dtype)
-    dprefix_k = torch.zeros_like(dprefix_v) if single else dprefix_k.to(prefix_k.dtype)
+    # dPK / dPV: the fused backward's own deterministic reduction.
+    options = {name: common[name] for name in ("GROUP", "BLOCK_D", "BLOCK_P", "PREFIX", "DOT_PRECISION")}
+    dprefix_k, dprefix_v = prefix_token_gradients(
+        q, prefix_k, prefix_v, gate, dout, lse_prefix, delta_prefix, cu_seqlens_q, cu_seqlens_q,
+        prefix_strides, num_prefix, max_seqlen_q, shared_prefix, softmax_scale, qk_scale,
+        {**options, "HEAD_DIM": head_dim},
+    )  # fmt: skip
     dgate = dgate_partial.sum(2)
     return dq, dprefix_k, dprefix_v, dgate.sum(0) if shared_gate else dgate
