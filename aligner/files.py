@@ -62,10 +62,14 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
 
 def append_line(path: str | os.PathLike, line: str) -> None:
     """Append ``line`` and a newline to ``path`` (created if missing) in one write, flushed to disk:
-    for logs such as ``metrics.jsonl``, which grow by whole lines and are never rewritten."""
+    for logs such as ``metrics.jsonl``, which grow by whole lines and are never rewritten. A last
+    line torn by a crash (no newline) is ended first, so that the new line stays whole."""
     data = (line + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
         written = 0
         while written < len(data):  # os.write may write less than asked
             written += os.write(fd, data[written:])

@@ -77,6 +77,26 @@ def main_attention(
     return out.transpose(1, 2)
 
 
+def _prefix_forward(
+    q: Tensor,
+    main: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    gate: Tensor,
+    cu_seqlens_q: Tensor,
+    max_seqlen_q: int,
+    softmax_scale: float,
+    out: Tensor,
+) -> Tensor:
+    """The prefix forward kernel's launch: out = main + gate * O_pre(q); returns the prefix LSE."""
+    batch = cu_seqlens_q.shape[0] - 1
+    q, prefix_k, prefix_v = map(_last_dim_contiguous, (q, prefix_k, prefix_v))
+    return load_kernels(q.device).aligner_prefix_forward(
+        q, main, _as_batched_prefix(prefix_k, batch), _as_batched_prefix(prefix_v, batch),
+        _as_batched_gate(gate, batch), cu_seqlens_q, max_seqlen_q, softmax_scale, out,
+    )  # fmt: skip
+
+
 @torch.library.custom_op("aligner::split_prefix_forward", mutates_args=())
 def split_prefix_forward(
     q: Tensor,
@@ -89,13 +109,11 @@ def split_prefix_forward(
     softmax_scale: float,
 ) -> tuple[Tensor, Tensor]:
     """main + gate * O_pre(q) as a new tensor, and the prefix LSE; packed tensors (split.py doc)."""
-    batch = cu_seqlens_q.shape[0] - 1
-    q, main, prefix_k, prefix_v = map(_last_dim_contiguous, (q, main, prefix_k, prefix_v))
+    main = _last_dim_contiguous(main)
     out = torch.empty_like(main)
-    lse_prefix = load_kernels(q.device).aligner_prefix_forward(
-        q, main, _as_batched_prefix(prefix_k, batch), _as_batched_prefix(prefix_v, batch),
-        _as_batched_gate(gate, batch), cu_seqlens_q, max_seqlen_q, softmax_scale, out,
-    )  # fmt: skip
+    lse_prefix = _prefix_forward(
+        q, main, prefix_k, prefix_v, gate, cu_seqlens_q, max_seqlen_q, softmax_scale, out
+    )
     return out, lse_prefix
 
 
@@ -117,12 +135,7 @@ def split_prefix_add_(
     softmax_scale: float,
 ) -> None:
     """main += gate * O_pre(q), in place (no gradient needed: the main output is not saved)."""
-    batch = cu_seqlens_q.shape[0] - 1
-    q, prefix_k, prefix_v = map(_last_dim_contiguous, (q, prefix_k, prefix_v))
-    load_kernels(q.device).aligner_prefix_forward(
-        q, main, _as_batched_prefix(prefix_k, batch), _as_batched_prefix(prefix_v, batch),
-        _as_batched_gate(gate, batch), cu_seqlens_q, max_seqlen_q, softmax_scale, main,
-    )  # fmt: skip
+    _prefix_forward(q, main, prefix_k, prefix_v, gate, cu_seqlens_q, max_seqlen_q, softmax_scale, main)
 
 
 @split_prefix_add_.register_fake

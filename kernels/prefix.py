@@ -21,7 +21,7 @@ import triton.language as tl
 
 from . import configs
 from .backward import prefix_chunk, prefix_token_gradients
-from .common import INTERPRETING, LOG2E, ONE_TOKEN, prefix_attention, sequence_bounds
+from .common import INTERPRETING, LOG2E, ONE_TOKEN, prefix_attention, query_block
 from .configs import (
     SMALLEST_BLOCK_M,
     SPLIT_PREFIX_CONFIGS,
@@ -43,19 +43,12 @@ def aligner_prefix_fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    start_m = tl.program_id(0)
-    head = tl.program_id(1)
-    b = tl.program_id(2)
-    kv_head = head // GROUP
-    q_start, len_q, _, _ = sequence_bounds(CuSeqQ, CuSeqQ, b)
-    if start_m * BLOCK_M >= len_q:
+    b, head, kv_head, _, _, _, _, _, rows, offs_d, row_mask, mask, past_end = query_block(
+        CuSeqQ, CuSeqQ, GROUP, HEAD_DIM, BLOCK_M, BLOCK_D
+    )
+    if past_end:
         return
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_mask = offs_m < len_q
-    mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-    rows = q_start.to(tl.int64) + offs_m[:, None]
-    out = tl.load(Main + rows * stride_mm + head * stride_mh + offs_d[None, :], mask=mask, other=0.0)
+    out = tl.load(Main + rows[:, None] * stride_mm + head * stride_mh + offs_d[None, :], mask=mask, other=0.0)
     out = out.to(tl.float32)
     gate = tl.load(Gate + b * stride_gb + head)
     pv_ptrs = PV + b * stride_pvb + kv_head * stride_pvh + offs_d[None, :]
@@ -63,15 +56,15 @@ def aligner_prefix_fwd_kernel(
         pv = tl.load(pv_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
         out += gate * pv.to(tl.float32)
     else:
-        q = tl.load(Q + rows * stride_qm + head * stride_qh + offs_d[None, :], mask=mask, other=0.0)
+        q = tl.load(Q + rows[:, None] * stride_qm + head * stride_qh + offs_d[None, :], mask=mask, other=0.0)
         pk_ptrs = PK + b * stride_pkb + kv_head * stride_pkh + offs_d[None, :]
         out_prefix, lse_prefix = prefix_attention(
             q, pk_ptrs, pv_ptrs, stride_pkn, stride_pvn, offs_d, num_prefix, qk_scale,
             HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_P, DOT_PRECISION,
         )  # fmt: skip
         out += gate * out_prefix
-        tl.store(LsePrefix + head * stride_lh + q_start + offs_m, lse_prefix, mask=row_mask)
-    o_ptrs = Out + rows * stride_om + head * stride_oh + offs_d[None, :]
+        tl.store(LsePrefix + head * stride_lh + rows, lse_prefix, mask=row_mask)
+    o_ptrs = Out + rows[:, None] * stride_om + head * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask)
 
 
@@ -84,27 +77,21 @@ def aligner_prefix_bwd_dq_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    start_m = tl.program_id(0)
-    head = tl.program_id(1)
-    b = tl.program_id(2)
-    kv_head = head // GROUP
-    q_start, len_q, _, _ = sequence_bounds(CuSeqQ, CuSeqQ, b)
-    if start_m * BLOCK_M >= len_q:
+    b, head, kv_head, start_m, _, _, _, _, rows, offs_d, row_mask, mask, past_end = query_block(
+        CuSeqQ, CuSeqQ, GROUP, HEAD_DIM, BLOCK_M, BLOCK_D
+    )
+    if past_end:
         return
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_mask = offs_m < len_q
-    mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-    rows = q_start.to(tl.int64) + offs_m[:, None]
-    row_offset = head * stride_lh + q_start + offs_m
-    do = tl.load(DOut + rows * stride_dom + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    row_offset = head * stride_lh + rows
+    do_ptrs = DOut + rows[:, None] * stride_dom + head * stride_doh + offs_d[None, :]
+    do = tl.load(do_ptrs, mask=mask, other=0.0)
     pv_ptrs = PV + b * stride_pvb + kv_head * stride_pvh + offs_d[None, :]
     if PREFIX == ONE_TOKEN:  # delta_pre = dO . PV; dT = 0, so dq gets nothing
         pv = tl.load(pv_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
         delta_prefix = tl.sum(do.to(tl.float32) * pv.to(tl.float32), 1)
     else:
         gate = tl.load(Gate + b * stride_gb + head)
-        q = tl.load(Q + rows * stride_qm + head * stride_qh + offs_d[None, :], mask=mask, other=0.0)
+        q = tl.load(Q + rows[:, None] * stride_qm + head * stride_qh + offs_d[None, :], mask=mask, other=0.0)
         lse_prefix = tl.load(LsePrefix + row_offset, mask=row_mask, other=float("inf"))
         pk_ptrs = PK + b * stride_pkb + kv_head * stride_pkh + offs_d[None, :]
         # delta_pre = dO . O_pre = sum_n A_n (dO . PV_n), needed whole before any dT.
@@ -123,7 +110,7 @@ def aligner_prefix_bwd_dq_kernel(
             )  # fmt: skip
             dt = gate * a * (dp - delta_prefix[:, None])
             dq += tl.dot(dt.to(pk.dtype), pk, input_precision=DOT_PRECISION)
-        dq_ptrs = DQ + rows * stride_dqm + head * stride_dqh + offs_d[None, :]
+        dq_ptrs = DQ + rows[:, None] * stride_dqm + head * stride_dqh + offs_d[None, :]
         tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
     tl.store(DeltaPrefix + row_offset, delta_prefix, mask=row_mask)
     # This block's share of dgate[b, head]; the launcher sums the blocks in a fixed order.

@@ -22,6 +22,7 @@ from aligner.serialization import (
     read_config,
     save,
 )
+from aligner.training.trainer import read_metrics
 
 OFFICIAL_DIR = Path(__file__).parents[2] / "shared/reference/official-aligner-checkpoints"
 
@@ -187,6 +188,17 @@ def test_append_line_adds_whole_lines(tmp_path, monkeypatch):
     new_file = tmp_path / "new-file"
     new_file.touch()
     assert path.stat().st_mode & 0o777 == new_file.stat().st_mode & 0o777  # the usual mode of a new file
+
+
+def test_torn_metrics_line_is_ended_and_skipped(tmp_path):
+    """A crash mid-append leaves a last line without its newline: the next append starts a new
+    line, and read_metrics keeps every whole record and warns about the torn one."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, "lo', encoding="utf-8")
+    files.append_line(path, '{"step": 3}')
+    assert path.read_text(encoding="utf-8") == '{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n'
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:2: not JSON \(torn by a crash\?\), skipped"):
+        assert read_metrics(path) == [{"step": 1}, {"step": 3}]
 
 
 def test_torn_pair_of_files_is_detected(tmp_path, monkeypatch):

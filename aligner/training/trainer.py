@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -188,11 +189,20 @@ class MetricsCallback(TrainerCallback):
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file (an empty list if there is none)."""
+    """The records of a ``metrics.jsonl`` file (an empty list if there is none). A line that is not
+    JSON (torn by a crash mid-append) is skipped with a warning: the other records still count."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}:{number}: not JSON (torn by a crash?), skipped", stacklevel=2)
+    return records
 
 
 def plot_losses(
