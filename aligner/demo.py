@@ -152,11 +152,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aligner.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="demo-output")
     parser.add_argument("--num-tokens", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=240)
     parser.add_argument(
         "--lr-scheduler", default="cosine", help="transformers scheduler name (default cosine)"
     )
-    parser.add_argument("--lr", type=float, default=9e-3)
+    parser.add_argument("--lr", type=float, default=3e-2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--answer-tokens", type=int, default=32, help="length of the base model's answers")
     parser.add_argument("--reply-tokens", type=int, default=64, help="room for a formatted reply")

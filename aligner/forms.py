@@ -12,7 +12,9 @@ Three instruction sets, all written for this project:
 - ``TRAIN_INSTRUCTIONS``: questions of many kinds (facts, numbers, why / how, yes-no,
   comparisons, definitions, advice) and short tasks (sentiment, picking the odd one out, unit
   conversion, completing a phrase, filling a blank, extraction, spelling, plurals, analogies,
-  acronyms, riddles, arithmetic, ordering, true or false), several with quotes in their answers;
+  acronyms, riddles, arithmetic, ordering, true or false), idioms and sayings, questions about a
+  quoted sentence or word (grammar, counting, tone, fact or opinion), hypotheticals, greetings and
+  small talk, personal statements with a question, programming; many with quotes in their answers;
 - ``HELDOUT_INSTRUCTIONS``: more questions like those (the held-out set "like training");
 - ``CARRY_INSTRUCTIONS``: kinds that never occur in training (imperatives, lists, translation,
   rewriting, multi-part questions): does the form carry to them?
@@ -183,6 +185,112 @@ Which punctuation mark ends a question?
 Rate the difficulty of climbing Mount Everest from 1 to 10.
 Guess the animal: it has a trunk and big ears.
 Pick the larger number: 48 or 84.
+What does the idiom "break the ice" mean?
+What does the phrase "piece of cake" mean?
+What is the meaning of the saying "time flies"?
+Who said "To be or not to be"?
+Which word in "The cat sleeps on the sofa" is a verb?
+How many words are in the sentence "I like green tea"?
+Is this sentence about sports or cooking: She scored the winning goal.
+Is this sentence about weather or music: It rained all afternoon.
+Is the word "quickly" an adjective or an adverb?
+What is the noun in the sentence "The bird sang"?
+Is "Paris" a city or a country?
+What would happen if the Moon disappeared?
+What would you do with a million dollars?
+What happens if you mix red and blue paint?
+What happens to water when it freezes?
+Hi, how are you today?
+Good evening! How was your day?
+I feel tired today. What should I do?
+I am bored. What can I do?
+My plant is dying. Why might that be?
+Do you like music?
+Are you a robot?
+What is your name?
+Can you help me with my homework?
+What does the print function do in Python?
+What is a variable in programming?
+What is HTML used for?
+What time is it in the morning when the sun rises?
+How many hours are in a day?
+What year comes after 1999?
+Which is longer, a month or a year?
+How old is someone born in 2000 in the year 2020?
+A box holds 6 eggs. How many eggs are in 3 boxes?
+Tom has 10 marbles and gives away 4. How many does he have?
+What is 100 divided by 5?
+What is 3 squared?
+Is 17 a prime number?
+Is 12 an even number?
+What shape is a football?
+What sound does a cow make?
+What do you call a group of fish?
+What is the sound of a dog called?
+Why do people wear sunglasses?
+Why is exercise good for you?
+Why do we brush our teeth?
+How do airplanes stay in the air?
+How does the heart work?
+How do fish breathe?
+What is the purpose of a seatbelt?
+What is the role of a teacher?
+What is a good name for a cat?
+What is a fun game to play outside?
+What is the best time to visit the beach?
+Who is Albert Einstein?
+Who was Cleopatra?
+What is the Great Wall of China?
+What is gravity?
+What is photosynthesis?
+What is democracy?
+What is an atom?
+Which animal has black and white stripes?
+Which fruit is used to make wine?
+Which country is famous for pizza?
+Which sport uses a racket and a shuttlecock?
+Should I drink water every day?
+Should children eat vegetables?
+Is it safe to look directly at the Sun?
+Is chocolate good for dogs?
+What is the subject of the sentence "Dogs bark loudly at night"?
+Is the sentence "I am eating lunch" in the past or the present tense?
+How many vowels are in the word "banana"?
+Which letter does the word "zebra" start with?
+Is "happy" a noun or an adjective?
+What is the last word of the sentence "The children played in the park"?
+Does the sentence "She runs every morning" contain a verb?
+Who is the speaker in "I told my brother to wait," said Anna?
+What is the mood of this sentence: "We finally won the championship!"
+Is this a question or a statement: "The store opens at nine."
+What punctuation is missing at the end of "Where are you going"?
+How many syllables are in the word "computer"?
+What does the sentence "It is raining cats and dogs" mean?
+Which word is the longest in "The elephant walked slowly"?
+In "Tom gave Mary a book", who received the book?
+What is the object in the sentence "Lisa kicked the ball"?
+Is this email polite or rude: "Send me the report now."
+What is the topic of this text: "The match ended two to one after extra time."
+What emotion does "I can't stop smiling today" express?
+Is "The Earth orbits the Sun" a fact or an opinion?
+Is "Chocolate is the best dessert" a fact or an opinion?
+What is the main idea of "Plants need sunlight, water and soil to grow"?
+How many times does the letter "s" appear in "Mississippi"?
+What is the root word of "unhappiness"?
+What kind of word is "beautiful"?
+What is the capital letter in "my friend lives in London"?
+Who wrote the line "All the world's a stage"?
+Which book begins with "Call me Ishmael"?
+What does "ASAP" mean in an email?
+What does a red traffic light mean?
+What does the symbol "+" mean in math?
+What is the answer to "What has to be broken before you can use it?"
+Which animal says "moo"?
+What is a "haiku"?
+Why do people say "bless you" after a sneeze?
+What does the prefix "re" mean in "replay"?
+Is "fast" the opposite of "slow"?
+What is the name of the character in "Harry lost his wand"?
 """)
 
 HELDOUT_INSTRUCTIONS = _lines("""

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from aligner.forms import FORMS, first_sentence
+from aligner.forms import CARRY_INSTRUCTIONS, FORMS, HELDOUT_INSTRUCTIONS, TRAIN_INSTRUCTIONS, first_sentence
 
 ANSWERS = [
     "The capital of Norway is Oslo.",
@@ -49,3 +49,10 @@ def test_first_sentence_is_cut_to_a_budget():
     assert first_sentence("Oslo. It is in Norway.") == "Oslo."
     assert first_sentence("one two three four five", max_words=3) == "one two three."
     assert first_sentence("\n\n") == ""
+
+
+def test_instruction_sets_are_disjoint():
+    """The held-out sets never leak into training, and no instruction is repeated."""
+    sets = [TRAIN_INSTRUCTIONS, HELDOUT_INSTRUCTIONS, CARRY_INSTRUCTIONS]
+    everything = [i for rows in sets for i in rows]
+    assert len(set(everything)) == len(everything)
