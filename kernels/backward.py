@@ -79,6 +79,23 @@ def prefix_chunk(
 
 
 @triton.jit
+def prefix_dq(
+    dq, q, do, pk_ptrs, pv_ptrs, stride_pkn, stride_pvn, offs_d, num_prefix, lse_prefix, delta_prefix,
+    gate, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dq plus the prefix part, sum_n dT_n PK_n with dT = gate * A * (dO.PV - delta_pre); used by
+    the fused dQ kernel and the split backward."""
+    for start_p in range(0, num_prefix, BLOCK_P):
+        pk, a, dp = prefix_chunk(
+            q, do, pk_ptrs, pv_ptrs, stride_pkn, stride_pvn, start_p, offs_d, num_prefix, lse_prefix,
+            qk_scale, HEAD_DIM, BLOCK_P, DOT_PRECISION,
+        )  # fmt: skip
+        dt = gate * a * (dp - delta_prefix[:, None])
+        dq += tl.dot(dt.to(pk.dtype), pk, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
 def aligner_attention_bwd_delta_kernel(
     Q,
     PK,
@@ -282,13 +299,10 @@ def aligner_attention_bwd_dq_kernel(
         delta_prefix = tl.load(DeltaPrefix + row_offset, mask=row_mask, other=0.0)
         pk_ptrs = PK + b * stride_pkb + kv_head * stride_pkh + offs_d[None, :]
         pv_ptrs = PV + b * stride_pvb + kv_head * stride_pvh + offs_d[None, :]
-        for start_p in range(0, num_prefix, BLOCK_P):
-            pk, a, dp = prefix_chunk(
-                q, do, pk_ptrs, pv_ptrs, stride_pkn, stride_pvn, start_p, offs_d, num_prefix, lse_prefix,
-                qk_scale, HEAD_DIM, BLOCK_P, DOT_PRECISION,
-            )  # fmt: skip
-            dt = gate * a * (dp - delta_prefix[:, None])
-            dq += tl.dot(dt.to(pk.dtype), pk, input_precision=DOT_PRECISION)
+        dq = prefix_dq(
+            dq, q, do, pk_ptrs, pv_ptrs, stride_pkn, stride_pvn, offs_d, num_prefix, lse_prefix,
+            delta_prefix, gate, qk_scale, HEAD_DIM, BLOCK_P, DOT_PRECISION,
+        )  # fmt: skip
 
     dq_ptrs = DQ + rows[:, None] * stride_dqm + head * stride_dqh + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)

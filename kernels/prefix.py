@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .backward import prefix_chunk, prefix_token_gradients
+from .backward import prefix_chunk, prefix_dq, prefix_token_gradients
 from .common import INTERPRETING, LOG2E, ONE_TOKEN, prefix_attention, query_block
 from .configs import (
     SMALLEST_BLOCK_M,
@@ -103,13 +103,10 @@ def aligner_prefix_bwd_dq_kernel(
             )  # fmt: skip
             delta_prefix += tl.sum(a * dp, 1)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start_p in range(0, num_prefix, BLOCK_P):
-            pk, a, dp = prefix_chunk(
-                q, do, pk_ptrs, pv_ptrs, stride_pkn, stride_pvn, start_p, offs_d, num_prefix, lse_prefix,
-                qk_scale, HEAD_DIM, BLOCK_P, DOT_PRECISION,
-            )  # fmt: skip
-            dt = gate * a * (dp - delta_prefix[:, None])
-            dq += tl.dot(dt.to(pk.dtype), pk, input_precision=DOT_PRECISION)
+        dq = prefix_dq(
+            dq, q, do, pk_ptrs, pv_ptrs, stride_pkn, stride_pvn, offs_d, num_prefix, lse_prefix,
+            delta_prefix, gate, qk_scale, HEAD_DIM, BLOCK_P, DOT_PRECISION,
+        )  # fmt: skip
         dq_ptrs = DQ + rows[:, None] * stride_dqm + head * stride_dqh + offs_d[None, :]
         tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
     tl.store(DeltaPrefix + row_offset, delta_prefix, mask=row_mask)
