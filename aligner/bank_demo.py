@@ -29,6 +29,7 @@ from .forms import (
     FORMS,
     HELDOUT_INSTRUCTIONS,
     SMOLLM2_GGUF,
+    START_LAYER,
     TRAIN_INSTRUCTIONS,
     base_answers,
     compliance,
@@ -83,9 +84,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"training the {name!r} Aligner ({form.description}): {len(train)} instructions, "
               f"{args.steps} steps", flush=True)  # fmt: skip
         config = TrainConfig(
-            output_dir=str(out / name), num_tokens=1, start_layer=2, lr=args.lr, lr_scheduler="cosine",
-            max_steps=args.steps, batch_size=args.batch_size, logging_steps=10, save_steps=args.steps,
-            save_total_limit=1, seed=args.seed, max_length=256, progress=False,
+            output_dir=str(out / name), num_tokens=1, start_layer=START_LAYER, lr=args.lr,
+            lr_scheduler="cosine", max_steps=args.steps, batch_size=args.batch_size, logging_steps=10,
+            save_steps=args.steps, save_total_limit=1, seed=args.seed, max_length=256, progress=False,
             overwrite=True,  # the demo's own folders: a rerun replaces its earlier run
         )  # fmt: skip
         examples = [(messages(i), form.apply(answers[i])) for i in train]

@@ -1,10 +1,10 @@
-"""``make demo``: teach SmolLM2-135M-Instruct a new answer FORM with an 828-parameter Aligner, on CPU.
+"""``make demo``: teach SmolLM2-135M-Instruct a new answer FORM with an 846-parameter Aligner, on CPU.
 
 The task is form adaptation (the paper's "form" alignment): the model keeps its own knowledge
 and only changes how it answers. Targets are the base model's OWN greedy answers (their first
 sentence) as a JSON object ``{"answer": ...}`` (inner double quotes as single ones), a form it does
 not produce by itself, not even when the form is described in its system prompt. A 1-token
-Aligner (start layer 2: 576 + 28 * 9 = 828 parameters) is trained on questions and short tasks of many kinds
+Aligner (every layer: 576 + 30 * 9 = 846 parameters) is trained on questions and short tasks of many kinds
 (:mod:`aligner.forms`) and evaluated on two held-out sets: questions like the training ones, and
 kinds it never saw (imperatives, lists, translation, rewriting, multi-part questions). Reported
 for the base model, the base model told the form in a system prompt, and the Aligner: form
@@ -33,6 +33,7 @@ from .forms import (
     FORMS,
     HELDOUT_INSTRUCTIONS,
     SMOLLM2_GGUF,
+    START_LAYER,
     TRAIN_INSTRUCTIONS,
     base_answers,
     compliance,
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         flush=True,
     )
     config = TrainConfig(
-        output_dir=str(out / "aligner"), num_tokens=args.num_tokens, start_layer=2, lr=args.lr,
+        output_dir=str(out / "aligner"), num_tokens=args.num_tokens, start_layer=START_LAYER, lr=args.lr,
         lr_scheduler=args.lr_scheduler, max_steps=args.steps, batch_size=args.batch_size, logging_steps=5,
         save_steps=max(args.steps // 2, 1), save_total_limit=1, seed=args.seed, max_length=256,
         overwrite=True,  # the demo's own folder: a rerun replaces its earlier run

