@@ -12,8 +12,9 @@ from aligner_kernels import SUPPORTED_HEAD_DIMS
 
 from . import backend_choice
 from .checks import check_attention_inputs
+from .kernel_inputs import dense_gate, packed_layout
 from .reference import aligner_attention_reference
-from .split import split_attention, split_unsupported
+from .split import MainAttention, split_attention, split_unsupported
 from .triton_op import fused_attention_forward, fused_decode_forward
 
 BACKENDS = ("auto", "fused", "split", "reference")
@@ -56,6 +57,7 @@ def aligner_attention(
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
     backend: str | None = None,
+    main_attention: MainAttention | None = None,
 ) -> Tensor:
     """Flash attention plus the gated attention to N shared prefix tokens, fused in one pass.
 
@@ -90,6 +92,13 @@ def aligner_attention(
             prefix kernels; inputs SDPA cannot take, packed or causal with seqlen_q != seqlen_k,
             run the fused kernels unless flash-attn is installed) or "reference". Defaults to the
             ``ALIGNER_BACKEND`` environment variable, else "auto".
+        main_attention: optional ``(q, k, v) -> out``, plain attention in the layouts above, that
+            replaces the op's own main term: the caller's kernel with a mask the op cannot express
+            (a Hugging Face model's configured attention with the mask transformers built: static
+            cache slots, sliding windows, 4D masks). The prefix term does not depend on the mask, so
+            every backend then runs the split form: ``main_attention`` plus the prefix term, from
+            the PyTorch reference ("reference", and "auto" off CUDA) or our prefix kernels ("split",
+            "fused", "auto" on CUDA). ``causal`` and the cu_seqlens still describe q's layout.
 
     Returns:
         out: (batch_size, seqlen_q, nheads, headdim), or packed (total_q, nheads, headdim); q's
@@ -102,62 +111,54 @@ def aligner_attention(
     backend = backend or os.environ.get("ALIGNER_BACKEND", "auto")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if main_attention is not None and not callable(main_attention):
+        raise TypeError(
+            f"main_attention must be callable (q, k, v) -> out, got {type(main_attention).__name__}"
+        )
     max_seqlen_q, max_seqlen_k = check_attention_inputs(
         q, k, v, prefix_k, prefix_v, gate,
         causal=causal, softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )  # fmt: skip
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    options = dict(
+        causal=causal, scale=softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+    )  # fmt: skip
     if not _use_kernels(backend, q):
         return aligner_attention_reference(
-            q, k, v, prefix_k, prefix_v, gate,
-            causal=causal, softmax_scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+            q, k, v, prefix_k, prefix_v, gate, causal=causal, softmax_scale=options["scale"],
+            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, main_attention=main_attention,
         )  # fmt: skip
-
-    packed = cu_seqlens_q is not None
-    needs_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, prefix_k, prefix_v, gate)
-    )
-    decoding = max_seqlen_q <= DECODE_MAX_QUERIES and not needs_grad
-    if backend != "fused" and not decoding:
-        unsupported = split_unsupported(q, packed, causal, max_seqlen_q, max_seqlen_k)
+    inputs = (q, k, v, prefix_k, prefix_v, gate)
+    if main_attention is not None:  # only the split form can use the caller's main attention
+        return split_attention(*inputs, main_attention=main_attention, **options)
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
+    if max_seqlen_q <= DECODE_MAX_QUERIES and not needs_grad:
+        return _fused(*inputs, decoding=True, **options)
+    if backend != "fused":
+        unsupported = split_unsupported(q, cu_seqlens_q is not None, causal, max_seqlen_q, max_seqlen_k)
         if backend == "auto" and unsupported is None:
-            backend = backend_choice.choose(
-                q, k, v, prefix_k, prefix_v, gate,
-                causal=causal, softmax_scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, needs_grad=needs_grad,
-            )  # fmt: skip
+            backend = backend_choice.choose(*inputs, run=run_backend, needs_grad=needs_grad, **options)
         if backend == "split" and unsupported is None:
-            return split_attention(
-                q, k, v, prefix_k, prefix_v, gate,
-                causal=causal, scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-            )  # fmt: skip
-    return _fused(q, k, v, prefix_k, prefix_v, gate, causal, scale, cu_seqlens_q, cu_seqlens_k,
-                  max_seqlen_q, max_seqlen_k, decoding)  # fmt: skip
+            return split_attention(*inputs, **options)
+    return _fused(*inputs, decoding=False, **options)
 
 
-def _fused(q, k, v, prefix_k, prefix_v, gate, causal, scale, cu_seqlens_q, cu_seqlens_k,
+def run_backend(backend: str, q, k, v, prefix_k, prefix_v, gate, **options) -> Tensor:
+    """One of auto's candidates, "fused" or "split", on validated inputs (``options`` as
+    :func:`split_attention` takes them): what :mod:`aligner.backend_choice` times."""
+    if backend == "split":
+        return split_attention(q, k, v, prefix_k, prefix_v, gate, **options)
+    return _fused(q, k, v, prefix_k, prefix_v, gate, decoding=False, **options)
+
+
+def _fused(q, k, v, prefix_k, prefix_v, gate, *, causal, scale, cu_seqlens_q, cu_seqlens_k,
            max_seqlen_q, max_seqlen_k, decoding) -> Tensor:  # fmt: skip
     """The fused kernels (the split-KV forward when decoding) on validated inputs."""
-    packed = cu_seqlens_q is not None
-    if packed:  # the kernels read cu_seqlens as dense arrays
-        cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
-    else:  # a padded batch is a packed batch of equal lengths
-        batch = q.shape[0]
-        cu_seqlens_q = torch.arange(
-            0, (batch + 1) * max_seqlen_q, max_seqlen_q, dtype=torch.int32, device=q.device
-        )
-        cu_seqlens_k = torch.arange(
-            0, (batch + 1) * max_seqlen_k, max_seqlen_k, dtype=torch.int32, device=q.device
-        )
-        q, k, v = (x.reshape(-1, *x.shape[2:]) for x in (q, k, v))
-    if gate is not None:  # the kernels read an fp32 gate as a dense array
-        gate = gate.float().contiguous()
-    args = (q, k, v, prefix_k, prefix_v, gate, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    shape = q.shape
+    q, k, v, cu_q, cu_k = packed_layout(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    args = (q, k, v, prefix_k, prefix_v, dense_gate(gate), cu_q, cu_k, max_seqlen_q, max_seqlen_k)
     args = (*args, float(scale), causal)
-    if decoding:
-        out = fused_decode_forward(*args)
-    else:
-        out, _, _ = fused_attention_forward(*args)
-    return out if packed else out.view(-1, max_seqlen_q, *out.shape[1:])
+    out = fused_decode_forward(*args) if decoding else fused_attention_forward(*args)[0]
+    return out.view(shape)

@@ -157,11 +157,14 @@ def allowed_backends(needs_grad: bool) -> tuple[str, ...]:
 
 def choose(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None, gate: Tensor | None, *,
-    causal: bool, softmax_scale: float, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None,
-    max_seqlen_q: int, max_seqlen_k: int, needs_grad: bool, chooser: BackendChooser | None = None,
+    causal: bool, scale: float, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int, max_seqlen_k: int, needs_grad: bool, run: Callable[..., Tensor],
+    chooser: BackendChooser | None = None,
 ) -> str:  # fmt: skip
     """ "fused" or "split" for a call of :func:`aligner.aligner_attention` whose inputs both take.
 
+    ``run(backend, q, k, v, prefix_k, prefix_v, gate, **options)`` runs one candidate on validated
+    inputs (the op passes its own runner, so this module never calls back into the public API).
     The measurement runs on detached copies of the inputs (forward, and backward with a random
     dO when ``needs_grad``), so it leaves no trace in the caller's graph. While ``torch.compile``
     traces, auto is fused (one opaque op); while a CUDA graph is captured nothing is measured: a
@@ -180,12 +183,11 @@ def choose(
     if q.is_cuda and torch.cuda.is_current_stream_capturing():
         known = chooser.timings().get(key)
         return "fused" if known is None else min(allowed, key=lambda name: known[name])
-    from .attention import aligner_attention  # the public op runs each candidate
 
     tensors = [x if x is None else x.detach().requires_grad_(needs_grad and x.is_floating_point())
                for x in (q, k, v, prefix_k, prefix_v, gate)]  # fmt: skip
     options = dict(
-        causal=causal, softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        causal=causal, scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )  # fmt: skip
     # A generator of its own: the measurement must not advance the caller's random stream.
@@ -193,11 +195,11 @@ def choose(
     dout = torch.randn(q.shape, generator=generator, device=q.device, dtype=q.dtype) if needs_grad else None
     leaves = [x for x in tensors if x is not None]
 
-    def run(backend: str) -> None:
+    def candidate(backend: str) -> None:
         with torch.enable_grad() if needs_grad else torch.no_grad():
-            out = aligner_attention(*tensors, backend=backend, **options)
+            out = run(backend, *tensors, **options)
             if needs_grad:
                 torch.autograd.grad(out, leaves, dout)
 
-    runs = {name: functools.partial(run, backend=name) for name in CANDIDATES}
+    runs = {name: functools.partial(candidate, backend=name) for name in CANDIDATES}
     return chooser.choose(key, runs, allowed)

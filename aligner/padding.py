@@ -1,18 +1,11 @@
-"""Padding helpers of the Hugging Face attention function: between padded (B, L, H, D) batches
-and the packed varlen layout (total, H, D) with ``cu_seqlens``, as flash-attn's ``bert_padding``."""
+"""Padding-free batches in the Hugging Face attention function: the sequences packed in one row
+(positions restarting per sequence, as TRL's collators make them) as ``cu_seqlens``, which
+per-sequence bank rows need."""
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
-
-
-def unpad(x: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
-    """(B, L, H, D) and a (B, L) keep-mask -> packed (total, H, D), row indices, cu_seqlens, max length."""
-    lengths = keep.sum(1, dtype=torch.int32)
-    indices = keep.flatten().nonzero().flatten()
-    cu_seqlens = nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    return x.flatten(0, 1).index_select(0, indices), indices, cu_seqlens, int(lengths.max())
+from torch import Tensor
 
 
 def packed_sequences(position_ids: Tensor) -> tuple[Tensor, int]:

@@ -1,17 +1,22 @@
-"""Aligner on Hugging Face causal LMs through transformers' own extension points.
+"""Aligner on Hugging Face causal LMs: an adapter between transformers' attention interface and
+:func:`aligner.aligner_attention`, plus the lifecycle (patch, unpatch, merge, disabled).
 
-``patch`` registers an attention function with ``AttentionInterface`` and, under the same name,
-the flash-style 2D padding-mask function with ``AttentionMaskInterface`` (without a mask function
-transformers would pass no mask at all), then switches the model to it with
-``set_attn_implementation``. No model code is copied and no forward is monkeypatched: the model
+``patch`` registers, with transformers' ``AttentionInterface``, one attention function per main
+attention implementation, named ``"aligner_<main>"`` (``"aligner_sdpa"``, ``"aligner_eager"``,
+``"aligner_flash_attention_2"``...), and under the same name with ``AttentionMaskInterface`` the
+main implementation's own mask function: transformers builds exactly the mask it builds for the
+unpatched model (static cache slots, sliding windows, packed sequences, padding). The function
+hands the op the model's own attention with that mask as ``main_attention`` and adds nothing else
+but the prefix term, so a layer or a row without an Aligner computes bit for bit what the
+unpatched model computes. No model code is copied and no forward is monkeypatched: the model
 stays a normal ``PreTrainedModel`` for ``generate``, ``Trainer``, TRL and accelerate.
+``model.set_attn_implementation(...)`` after ``patch`` changes the main attention and keeps the
+Aligner (a forward pre-hook follows the switch).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,11 +27,12 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from . import hf_compat
 from .attention import aligner_attention
 from .modules import AlignerFlashAttention, AlignerPrefix, is_quantized, project_prefix
-from .padding import is_packed, packed_sequences, unpad
+from .padding import is_packed, packed_sequences
 
-ATTENTION_NAME = "aligner"
+ATTENTION_PREFIX = "aligner_"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -34,7 +40,8 @@ class Memo:
     """Values derived from tensors, recomputed only when a source changes: a source counts as
     unchanged while it is the same object at the same version (in-place updates bump
     ``_version``). Holding the sources also keeps their ids from being reused. One entry per
-    name, so memory stays bounded."""
+    name, so memory stays bounded. While ``torch.compile`` traces, nothing is memoised (the
+    compiled graph recomputes, and version counters are not traceable)."""
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[tuple, tuple, Any]] = {}
@@ -49,6 +56,8 @@ class Memo:
             return None
 
     def get(self, name: str, sources: tuple, compute: Callable[[], Any]) -> Any:
+        if torch.compiler.is_compiling():
+            return compute()
         versions = tuple(self._version(x) for x in sources)
         entry = self._entries.get(name)
         if entry is not None:
@@ -72,73 +81,34 @@ class AlignerState:
 
     num_tokens: int
     start_layer: int
-    original_attn_implementation: str
+    # The attention implementation the Aligner's prefix term is added to: the model's own
+    # ("sdpa", "eager", "flash_attention_2"...), which it runs again after ``unpatch``.
+    main_attn_implementation: str
     original_requires_grad: dict[str, bool]
     backend: str | None = None
     # o_proj biases before ``merge``, per layer (None: the layer had no bias).
     merged_biases: dict[int, Tensor | None] | None = None
+    # False inside ``disabled``: every layer runs the main attention alone.
+    enabled: bool = True
     layers: dict[int, nn.Module] = field(default_factory=dict)
     # The AlignerBank that ``aligner_index`` selects from (see aligner.bank.attach_bank).
     bank: Any = None
     # Values derived once per forward / generate call and shared by every layer.
     memo: Memo = field(default_factory=Memo)
+    # The forward pre-hook that follows ``set_attn_implementation`` (removed by ``unpatch``).
+    hook: Any = None
+
+    @property
+    def active(self) -> bool:
+        """Whether the prefix term is added (not disabled, not folded into o_proj biases)."""
+        return self.enabled and self.merged_biases is None
 
 
-def _dense_mask(attention_mask: Tensor | None, len_q: int, len_k: int, device: torch.device) -> Tensor | None:
-    """The (B, 1, L_q, L_k) boolean mask that transformers' ``sdpa_mask`` builds from a 2D padding
-    mask (causal, bottom-right aligned); None where SDPA's own ``is_causal`` is exact."""
-    if attention_mask is None and (len_q == 1 or len_q == len_k):
-        return None
-    i = torch.arange(len_q, device=device)[:, None]
-    mask = (torch.arange(len_k, device=device)[None, :] <= i + (len_k - len_q))[None, None]
-    return mask if attention_mask is None else mask & attention_mask[:, None, None, -len_k:].bool()
-
-
-def _main_attention(module, query, key, value, attention_mask, scaling, state: AlignerState) -> Tensor:
-    """The base model's own attention (its original implementation: SDPA unless it was flash-attn),
-    so that a row without an Aligner computes exactly what the unpatched model computes."""
-    implementation = state.original_attn_implementation
-    if implementation.startswith("flash_attention"):
-        function, mask = ALL_ATTENTION_FUNCTIONS[implementation], attention_mask  # takes the 2D mask
-    else:  # sdpa; eager and others get SDPA, the same math
-        len_q, len_k = query.shape[2], key.shape[2]
-        mask = (
-            None
-            if attention_mask is None and len_q == 1
-            else state.memo.get(
-                "dense_mask",
-                (attention_mask, len_q, len_k, query.device),
-                lambda: _dense_mask(attention_mask, len_q, len_k, query.device),
-            )
-        )
-        function = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    return function(module, query, key, value, mask, dropout=0.0, scaling=scaling)[0]
-
-
-def _project(module: nn.Module, tokens: Tensor, gate: Tensor, dtype: torch.dtype) -> tuple:
-    """A layer's prefix term, ready to add: for N = 1 the constant gate_h * PV_g, (1 or B, 1, H, D)
-    fp32 (DESIGN.md "N = 1"); for N > 1 (PK, PV) heads first in ``dtype`` and gate (1 or B, 1, H, 1)."""
-    head_dim = module.head_dim
-    prefix_k, prefix_v = project_prefix(tokens, module.k_proj, module.v_proj, head_dim, dtype)
-    if prefix_k.dim() == 3:
-        prefix_k, prefix_v = prefix_k[None], prefix_v[None]
-    gate = gate.float().reshape(-1, gate.shape[-1])  # (1 or B, H)
-    heads = gate.shape[-1]
-    if prefix_v.shape[1] == 1:
-        per_head = prefix_v[:, 0].float().repeat_interleave(heads // prefix_v.shape[2], dim=1)
-        return (gate[:, :, None] * per_head)[:, None], None, None
-    pk, pv = (x.to(dtype).transpose(1, 2) for x in (prefix_k, prefix_v))
-    return None, (pk, pv), gate[:, None, :, None]
-
-
-def _add_prefix(out: Tensor, query: Tensor, scaling: float | None, term: tuple) -> Tensor:
-    """out (B, L, H, D) + the gated prefix attention. A row whose gate is 0 gets exactly 0 added."""
-    constant, prefix, gate = term
-    if constant is not None:
-        return (out + constant).to(out.dtype)
-    pk, pv = (x.expand(query.shape[0], *x.shape[1:]) for x in prefix)
-    prefix_out = nn.functional.scaled_dot_product_attention(query, pk, pv, scale=scaling, enable_gqa=True)
-    return (out + gate * prefix_out.transpose(1, 2)).to(out.dtype)
+def main_attention_function(module: nn.Module, implementation: str) -> Callable:
+    """The transformers attention function of ``implementation`` for ``module``."""
+    if implementation == "eager":
+        return hf_compat.eager_attention(module)
+    return ALL_ATTENTION_FUNCTIONS[implementation]
 
 
 def _check_index(index: Any, count: int) -> None:
@@ -173,121 +143,147 @@ def _selected(state: AlignerState, index: Tensor, count: int, device: torch.devi
     return state.memo.get("selected", (index, bank, bank.tokens, bank.gates, device), gather)
 
 
+def _packed_rows(state: AlignerState, query: Tensor, kwargs: dict[str, Any]) -> Tensor | None:
+    """cu_seqlens of a padding-free batch (one row holding several sequences), else None: what
+    per-sequence bank rows need to tell the sequences apart (the main attention reads the same
+    from its mask or its flash kwargs)."""
+    if query.shape[0] != 1 or query.shape[2] == 1:
+        return None
+    if kwargs.get("cu_seq_lens_q") is not None:  # padding-free collators' flash kwargs
+        return kwargs["cu_seq_lens_q"].to(torch.int32)
+    position_ids = kwargs.get("position_ids")
+    if not state.memo.get("is_packed", (position_ids,), lambda: is_packed(position_ids)):
+        return None
+    return state.memo.get("cu_seqlens", (position_ids,), lambda: packed_sequences(position_ids))[0]
+
+
+def _prefix(module: nn.Module, tokens: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """This layer's prefix keys and values in ``dtype``: projected on every call when a gradient
+    may flow, else once per weights version or bank selection (memoised on the layer)."""
+
+    def compute() -> tuple[Tensor, Tensor]:
+        prefix_k, prefix_v = project_prefix(tokens, module.k_proj, module.v_proj, module.head_dim, dtype)
+        return prefix_k.to(dtype), prefix_v.to(dtype)
+
+    if torch.is_grad_enabled():
+        return compute()
+    sources = (
+        tokens,
+        module.k_proj.weight,
+        module.k_proj.bias,
+        module.v_proj.weight,
+        module.v_proj.bias,
+        dtype,
+    )
+    return module.aligner_memo.get("prefix", sources, compute)
+
+
 def aligner_attention_hf(
     module: nn.Module,
     query: Tensor,
     key: Tensor,
     value: Tensor,
     attention_mask: Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    sliding_window: int | None = None,
-    position_ids: Tensor | None = None,
-    cu_seq_lens_q: Tensor | None = None,
-    cu_seq_lens_k: Tensor | None = None,
-    max_length_q: int | None = None,
-    max_length_k: int | None = None,
+    *,
+    main: str,
     aligner_index: Tensor | None = None,
     **kwargs,
-) -> tuple[Tensor, None]:
-    """The attention function registered as "aligner": query (B, H, L_q, D), key/value
-    (B, H_kv, L_k, D) after RoPE and the KV cache; attention_mask None or the (B, L_k) padding
-    mask. Layers with an Aligner add its gated prefix attention; the others are plain causal
-    attention. ``aligner_index`` (one bank index per sequence, -1: none), passed to ``model(...)``
-    or ``model.generate(...)``, gives each row its own Aligner from the attached bank. Returns
-    (B, L_q, H, D) like every transformers attention function.
+) -> tuple[Tensor, Tensor | None]:
+    """The attention function registered as ``"aligner_<main>"``: query (B, H, L_q, D), key/value
+    (B, H_kv, L_k, D) after RoPE and the KV cache, ``attention_mask`` whatever ``main``'s mask
+    function built. Returns (B, L_q, H, D) and the main attention's weights, like every
+    transformers attention function.
 
-    Two ways to the same math (DESIGN.md section 5): with a gradient to compute, the fused op; for
-    inference (and for bank rows), the "split" form: the base model's own attention plus the prefix
-    term, projected once per weights version or generate call and cached (N = 1: one add per layer).
+    Layers with an Aligner return :func:`aligner.aligner_attention` with ``main``'s attention
+    function as its ``main_attention``; other layers, a module without an Aligner (a model loaded
+    with this implementation, e.g. TRL's reference copy), and a disabled or merged Aligner return
+    the main attention alone. ``aligner_index`` (one bank index per sequence, -1: none), passed to
+    ``model(...)`` or ``model.generate(...)``, gives each row its own Aligner from the attached bank.
     """
-    if dropout:
-        raise ValueError(f"Aligner attention has no dropout; got attention dropout {dropout} (set it to 0)")
-    batch, _, len_q, head_dim = query.shape
-    len_k = key.shape[2]
-    if sliding_window is not None and len_k > sliding_window:
-        raise ValueError(
-            f"sequence of {len_k} keys exceeds the model's sliding_window={sliding_window}, which Aligner "
-            "attention does not implement"
-        )
-    state: AlignerState = module.aligner_model_state
-    aligner: AlignerFlashAttention | None = getattr(module, "aligner", None)
-    backend = getattr(module, "aligner_backend", None)
-    packed = None
-    if cu_seq_lens_q is not None and cu_seq_lens_k is not None:  # padding-free collators' flash kwargs
-        packed = (cu_seq_lens_q.to(torch.int32), cu_seq_lens_k.to(torch.int32), max_length_q, max_length_k)
-    elif (
-        attention_mask is None
-        and batch == 1
-        and len_q > 1
-        and state.memo.get("is_packed", (position_ids,), lambda: is_packed(position_ids))
-    ):  # padding-free batch: positions restart per sequence
-        cu_seqlens, max_len = state.memo.get(
-            "cu_seqlens", (position_ids,), lambda: packed_sequences(position_ids)
-        )
-        packed = (cu_seqlens, cu_seqlens, max_len, max_len)
-    sequences = batch if packed is None else packed[0].shape[0] - 1
+    main_function = main_attention_function(module, main)
+    weights = None
 
+    def main_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The main attention in the op's layout: (B, L, H, D), or one packed row (total, H, D)."""
+        nonlocal weights
+        packed = q.dim() == 3
+        if packed:
+            q, k, v = q[None], k[None], v[None]
+        out, weights = main_function(
+            module, *(x.transpose(1, 2) for x in (q, k, v)), attention_mask, **kwargs
+        )
+        if weights is None and kwargs.get("output_attentions"):
+            raise ValueError(
+                f"output_attentions=True needs attention weights, which the {main!r} attention does not "
+                "return: call model.set_attn_implementation('eager') (the Aligner stays). The prefix "
+                "attention's own weights: aligner.reference.prefix_attention_weights"
+            )
+        return out[0] if packed else out
+
+    state: AlignerState | None = getattr(module, "aligner_model_state", None)
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    if state is None:
+        if aligner_index is not None:
+            raise ValueError(
+                "aligner_index needs a model patched with an Aligner and a bank (aligner.attach_bank)"
+            )
+        return main_attention(q, k, v), weights
+    aligner: AlignerFlashAttention | None = getattr(module, "aligner", None)
+    cu_seqlens = _packed_rows(state, query, kwargs) if aligner_index is not None else None
+    sequences = query.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     tokens = gate = None
     if aligner_index is not None:
-        if aligner is not None:
-            tokens, gates = _selected(state, aligner_index, sequences, query.device)
-            gate = gates[:, module.layer_idx - state.start_layer]
-        else:  # layers before start_layer: still check the index, once
-            _selected(state, aligner_index, sequences, query.device)
+        # Checked in every layer, those without an Aligner included (once: memoised).
+        tokens, gates = _selected(state, aligner_index, sequences, query.device)
+        gate = None if aligner is None else gates[:, module.layer_idx - state.start_layer]
     elif aligner is not None:
         tokens, gate = aligner.shared_prefix(), aligner.gate
+    if gate is None or not state.active:
+        return main_attention(q, k, v), weights
 
-    needs_grad = torch.is_grad_enabled() and (
-        query.requires_grad or any(x is not None and x.requires_grad for x in (tokens, gate))
-    )
-    forced = backend is not None or os.environ.get("ALIGNER_BACKEND", "auto") != "auto"
-    if packed is None and (aligner_index is not None or not (needs_grad or forced)):
-        out = _main_attention(module, query, key, value, attention_mask, scaling, state)
-        if tokens is None:
-            return out, None
-        sources = (tokens, gate, module.k_proj.weight, module.k_proj.bias, module.v_proj.weight,
-                   module.v_proj.bias, query.dtype)  # fmt: skip
-        compute = lambda: _project(module, tokens, gate, query.dtype)  # noqa: E731
-        term = compute() if needs_grad else module.aligner_memo.get("prefix", sources, compute)
-        return _add_prefix(out, query, scaling, term), None
-
-    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-    prefix = {}
-    if tokens is not None:
-        prefix_k, prefix_v = project_prefix(tokens, module.k_proj, module.v_proj, head_dim, q.dtype)
-        prefix = {"prefix_k": prefix_k.to(q.dtype), "prefix_v": prefix_v.to(q.dtype), "gate": gate}
-    options = {"softmax_scale": scaling, "backend": backend}
-    if packed is not None:
-        cu_q, cu_k, max_q, max_k = packed
+    prefix_k, prefix_v = _prefix(module, tokens, q.dtype)
+    options = {"softmax_scale": kwargs.get("scaling"), "backend": module.aligner_backend}
+    if cu_seqlens is not None:  # per-sequence rows of one packed row
+        max_len = int(cu_seqlens.diff().max())
         out = aligner_attention(
-            q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), **prefix, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-            max_seqlen_q=int(max_q) if max_q is not None else None,
-            max_seqlen_k=int(max_k) if max_k is not None else None, **options,
+            q[0], k[0], v[0], prefix_k, prefix_v, gate, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+            max_seqlen_q=max_len, max_seqlen_k=max_len, main_attention=main_attention, **options,
         )  # fmt: skip
-        return out.view(batch, len_q, *out.shape[1:]), None
-    if attention_mask is not None:  # padding: run the real tokens packed, then re-pad with zeros
-        keep_k = attention_mask[:, -len_k:].bool()
-        q_packed, q_rows, cu_q, max_q = unpad(q, keep_k[:, -len_q:])
-        k_packed, k_rows, cu_k, max_k = unpad(k, keep_k)
-        v_packed = v.flatten(0, 1).index_select(0, k_rows)
-        out_packed = aligner_attention(
-            q_packed, k_packed, v_packed, **prefix, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-            max_seqlen_q=max_q, max_seqlen_k=max_k, **options,
-        )  # fmt: skip
-        out = out_packed.new_zeros(batch * len_q, *out_packed.shape[1:]).index_copy(0, q_rows, out_packed)
-        return out.view(batch, len_q, *out.shape[1:]), None
-    return aligner_attention(q, k, v, **prefix, **options), None
+        return out[None], weights
+    out = aligner_attention(q, k, v, prefix_k, prefix_v, gate, main_attention=main_attention, **options)
+    return out, weights
 
 
-def _use_aligner_attention(model: PreTrainedModel) -> None:
-    """Switch ``model`` to the "aligner" attention, registered here with transformers'
-    ``AttentionInterface`` together with, under the same name, its flash-style 2D padding-mask
-    function: without a mask function transformers would pass ``attention_mask=None`` and padding
-    would be silently ignored (DESIGN.md section 3). Registering again is harmless."""
-    AttentionInterface.register(ATTENTION_NAME, aligner_attention_hf)
-    AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
-    model.set_attn_implementation(ATTENTION_NAME)
+def _use_aligner_attention(model: PreTrainedModel, main: str) -> None:
+    """Switch ``model`` to ``"aligner_<main>"``, registering it first: the attention function with
+    ``AttentionInterface`` and, under the same name, ``main``'s mask function with
+    ``AttentionMaskInterface`` (DESIGN.md section 3). Registering again is harmless."""
+    if main != "eager" and main not in ALL_ATTENTION_FUNCTIONS:
+        raise ValueError(
+            f"attention implementation {main!r} is not registered with transformers' AttentionInterface"
+        )
+    if main not in ALL_MASK_ATTENTION_FUNCTIONS:
+        raise ValueError(
+            f"attention implementation {main!r} has no mask function in transformers' "
+            "AttentionMaskInterface, which Aligner needs to build the mask the main attention expects"
+        )
+    name = ATTENTION_PREFIX + main
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        return aligner_attention_hf(module, query, key, value, attention_mask, main=main, **kwargs)
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[main])
+    model.set_attn_implementation(name)
+
+
+def _follow_attn_implementation(model: PreTrainedModel, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: after ``model.set_attn_implementation(X)`` on a patched model, X becomes the
+    main attention and the Aligner stays (without it the Aligner would silently be dropped)."""
+    current = hf_compat.attn_implementation(model)
+    if not current.startswith(ATTENTION_PREFIX):
+        model.aligner_state.main_attn_implementation = current
+        _use_aligner_attention(model, current)
 
 
 def attention_layers(model: PreTrainedModel) -> dict[int, nn.Module]:
@@ -315,7 +311,7 @@ def _check_supported(model: PreTrainedModel) -> dict[int, nn.Module]:
         raise ValueError(
             f"model type {model_type!r} is not supported: its config has no {', '.join(missing)}"
         )
-    if not model._can_set_attn_implementation():
+    if not hf_compat.supports_attention_interface(model):
         raise ValueError(
             f"model type {model_type!r} is not supported: its attention does not go through transformers' "
             "AttentionInterface, which Aligner plugs into"
@@ -353,10 +349,11 @@ def patch(
     if num_tokens < 1:
         raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
 
+    main = hf_compat.attn_implementation(model)
     state = AlignerState(
         num_tokens=num_tokens,
         start_layer=start_layer,
-        original_attn_implementation=config._attn_implementation,
+        main_attn_implementation=main,
         original_requires_grad={name: p.requires_grad for name, p in model.named_parameters()},
         backend=backend,
     )
@@ -375,18 +372,10 @@ def patch(
             attn.aligner.attach(prefix)
             state.layers[index] = attn
     model.aligner_state = state
-    if hasattr(type(model), "_validate_model_kwargs"):
-        model._validate_model_kwargs = types.MethodType(_validate_model_kwargs, model)
-    _use_aligner_attention(model)
+    hf_compat.accept_generate_kwarg(model, "aligner_index")
+    _use_aligner_attention(model, main)
+    state.hook = model.register_forward_pre_hook(_follow_attn_implementation, with_kwargs=True)
     return model
-
-
-def _validate_model_kwargs(model: PreTrainedModel, model_kwargs: dict[str, Any]) -> None:
-    """``generate`` refuses keyword arguments that are neither in the model's forward signature nor
-    transformers' own attention kwargs; ``aligner_index`` reaches the attention through the
-    forward's ``**kwargs`` like those, so it is let through (set on the instance by ``patch``)."""
-    model_kwargs = {key: value for key, value in model_kwargs.items() if key != "aligner_index"}
-    type(model)._validate_model_kwargs(model, model_kwargs)
 
 
 def get_state(model: PreTrainedModel) -> AlignerState:
@@ -408,13 +397,20 @@ def unpatch(model: PreTrainedModel) -> PreTrainedModel:
         del attn.aligner
     for attn in attention_layers(model).values():
         del attn.aligner_backend, attn.aligner_model_state, attn.aligner_memo
+    state.hook.remove()
     del model.aligner_prefix
     del model.aligner_state
-    model.__dict__.pop("_validate_model_kwargs", None)
+    hf_compat.restore_generate_kwargs(model)
     for name, param in model.named_parameters():
         param.requires_grad_(state.original_requires_grad[name])
-    model.set_attn_implementation(state.original_attn_implementation)
+    model.set_attn_implementation(_main_of(model, state))
     return model
+
+
+def _main_of(model: PreTrainedModel, state: AlignerState) -> str:
+    """The main attention now: the patched one's, or one the user set since the last forward."""
+    current = hf_compat.attn_implementation(model)
+    return state.main_attn_implementation if current.startswith(ATTENTION_PREFIX) else current
 
 
 @contextlib.contextmanager
@@ -425,11 +421,11 @@ def disabled(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
         raise ValueError(
             "the Aligner is merged into o_proj biases; call aligner.unmerge(model) before disabling it"
         )
-    model.set_attn_implementation(state.original_attn_implementation)
+    state.enabled = False
     try:
         yield model
     finally:
-        _use_aligner_attention(model)
+        state.enabled = True
 
 
 def aligner_parameters(model: PreTrainedModel) -> dict[str, nn.Parameter]:
@@ -499,8 +495,7 @@ def merge(model: PreTrainedModel) -> PreTrainedModel:
                 o_proj.bias = nn.Parameter(constant.to(o_proj.weight.dtype), requires_grad=False)
             else:
                 o_proj.bias.copy_(o_proj.bias.float() + constant)
-    state.merged_biases = merged
-    model.set_attn_implementation(state.original_attn_implementation)
+    state.merged_biases = merged  # the attention now adds nothing: the main attention alone runs
     return model
 
 
@@ -517,5 +512,4 @@ def unmerge(model: PreTrainedModel) -> PreTrainedModel:
             else:
                 attn.o_proj.bias.copy_(original)
     state.merged_biases = None
-    _use_aligner_attention(model)
     return model

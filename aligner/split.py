@@ -17,12 +17,23 @@ project's causal mask to the bottom-right; an explicit mask would cost SDPA its 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .triton_op import _as_batched_gate, _as_batched_prefix, _last_dim_contiguous, load_kernels
+from .kernel_inputs import (
+    as_batched_gate,
+    as_batched_prefix,
+    dense_gate,
+    equal_lengths,
+    last_dim_contiguous,
+    load_kernels,
+)
+
+# A caller's own plain attention, (q, k, v) -> out in the op's layout (aligner_attention's main_attention).
+MainAttention = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 # The optional flash-attn package, looked up once (a constant for torch.compile's tracing).
 FLASH_ATTN_AVAILABLE = importlib.util.find_spec("flash_attn") is not None
@@ -45,7 +56,7 @@ def split_unsupported(
     return None
 
 
-def main_attention(
+def vendor_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -90,10 +101,10 @@ def _prefix_forward(
 ) -> Tensor:
     """The prefix forward kernel's launch: out = main + gate * O_pre(q); returns the prefix LSE."""
     batch = cu_seqlens_q.shape[0] - 1
-    q, prefix_k, prefix_v = map(_last_dim_contiguous, (q, prefix_k, prefix_v))
+    q, prefix_k, prefix_v = map(last_dim_contiguous, (q, prefix_k, prefix_v))
     return load_kernels(q.device).aligner_prefix_forward(
-        q, main, _as_batched_prefix(prefix_k, batch), _as_batched_prefix(prefix_v, batch),
-        _as_batched_gate(gate, batch), cu_seqlens_q, max_seqlen_q, softmax_scale, out,
+        q, main, as_batched_prefix(prefix_k, batch), as_batched_prefix(prefix_v, batch),
+        as_batched_gate(gate, batch), cu_seqlens_q, max_seqlen_q, softmax_scale, out,
     )  # fmt: skip
 
 
@@ -109,7 +120,7 @@ def split_prefix_forward(
     softmax_scale: float,
 ) -> tuple[Tensor, Tensor]:
     """main + gate * O_pre(q) as a new tensor, and the prefix LSE; packed tensors (split.py doc)."""
-    main = _last_dim_contiguous(main)
+    main = last_dim_contiguous(main)
     out = torch.empty_like(main)
     lse_prefix = _prefix_forward(
         q, main, prefix_k, prefix_v, gate, cu_seqlens_q, max_seqlen_q, softmax_scale, out
@@ -157,10 +168,10 @@ def split_prefix_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dq_prefix (empty for N = 1), dprefix_k, dprefix_v, dgate (fp32) of the prefix term."""
     batch = cu_seqlens_q.shape[0] - 1
-    dout, q, prefix_k, prefix_v = map(_last_dim_contiguous, (dout, q, prefix_k, prefix_v))
+    dout, q, prefix_k, prefix_v = map(last_dim_contiguous, (dout, q, prefix_k, prefix_v))
     dq, dpk, dpv, dgate = load_kernels(q.device).aligner_prefix_backward(
-        dout, q, _as_batched_prefix(prefix_k, batch), _as_batched_prefix(prefix_v, batch),
-        _as_batched_gate(gate, batch), lse_prefix, cu_seqlens_q, max_seqlen_q, softmax_scale,
+        dout, q, as_batched_prefix(prefix_k, batch), as_batched_prefix(prefix_v, batch),
+        as_batched_gate(gate, batch), lse_prefix, cu_seqlens_q, max_seqlen_q, softmax_scale,
         shared_prefix=prefix_k.dim() == 3, shared_gate=gate.dim() == 1,
     )  # fmt: skip
     return q.new_empty(0) if dq is None else dq, dpk, dpv, dgate
@@ -211,30 +222,32 @@ def split_attention(
     cu_seqlens_k: Tensor | None,
     max_seqlen_q: int,
     max_seqlen_k: int,
+    main_attention: MainAttention | None = None,
 ) -> Tensor:
     """Aligner attention in the split form, same layouts and result as :func:`aligner.aligner_attention`
-    (inputs validated, :func:`split_unsupported` None)."""
-    main = main_attention(
-        q, k, v, causal=causal, scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-    )  # fmt: skip
+    (inputs validated; without ``main_attention``, :func:`split_unsupported` None). The main term is
+    ``main_attention(q, k, v)`` when given (the caller's own kernel and mask), else the vendor kernel."""
+    if main_attention is not None:
+        main = main_attention(q, k, v)
+    else:
+        main = vendor_attention(
+            q, k, v, causal=causal, scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        )  # fmt: skip
     if gate is None:
         return main
     packed = cu_seqlens_q is not None
     if packed:  # the prefix kernels read cu_seqlens as a dense array
         cu_seqlens_q = cu_seqlens_q.contiguous()
     else:  # the prefix kernels address a padded batch as packed sequences of equal length
-        batch = q.shape[0]
-        cu_seqlens_q = torch.arange(
-            0, (batch + 1) * max_seqlen_q, max_seqlen_q, dtype=torch.int32, device=q.device
-        )
+        cu_seqlens_q = equal_lengths(q.shape[0], max_seqlen_q, q.device)
         q, main = q.reshape(-1, *q.shape[2:]), main.reshape(-1, *main.shape[2:])
-    gate = gate.float().contiguous()
+    gate = dense_gate(gate)
     inputs = (q, prefix_k, prefix_v, gate)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (*inputs, main)):
         out, _ = split_prefix_forward(q, main, prefix_k, prefix_v, gate, cu_seqlens_q, max_seqlen_q, scale)
     else:
-        main = _last_dim_contiguous(main)
+        main = last_dim_contiguous(main)
         split_prefix_add_(q, main, prefix_k, prefix_v, gate, cu_seqlens_q, max_seqlen_q, scale)
         out = main
     return out if packed else out.view(-1, max_seqlen_q, *out.shape[1:])

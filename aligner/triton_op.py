@@ -13,32 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-import aligner_kernels
-
-
-def load_kernels(device: torch.device):
-    """The kernel launchers for tensors on ``device``: the Triton interpreter's copy for CPU
-    tensors, the compiled one otherwise. Both may be used in one process, in any order, and
-    neither changes TRITON_INTERPRET or any other process-wide setting (kernels/interpreted.py)."""
-    return aligner_kernels.load(interpreted=device.type == "cpu")
-
-
-def _as_batched_prefix(prefix: Tensor | None, batch: int) -> Tensor | None:
-    # The kernels always index the prefix by sequence; a shared one is read with batch stride 0.
-    if prefix is None or prefix.dim() == 4:
-        return prefix
-    return prefix.unsqueeze(0).expand(batch, *prefix.shape)
-
-
-def _as_batched_gate(gate: Tensor | None, batch: int) -> Tensor | None:
-    # Likewise the gate, (B, H); a shared (H,) gate is read with batch stride 0.
-    if gate is None or gate.dim() == 2:
-        return gate
-    return gate.unsqueeze(0).expand(batch, *gate.shape)
-
-
-def _last_dim_contiguous(x: Tensor | None) -> Tensor | None:
-    return x if x is None or x.stride(-1) == 1 else x.contiguous()
+from .kernel_inputs import as_batched_gate, as_batched_prefix, last_dim_contiguous, load_kernels
 
 
 @torch.library.custom_op("aligner::fused_attention_forward", mutates_args=())
@@ -57,10 +32,10 @@ def fused_attention_forward(
     causal: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     batch = cu_seqlens_q.shape[0] - 1
-    q, k, v, prefix_k, prefix_v = map(_last_dim_contiguous, (q, k, v, prefix_k, prefix_v))
+    q, k, v, prefix_k, prefix_v = map(last_dim_contiguous, (q, k, v, prefix_k, prefix_v))
     return load_kernels(q.device).aligner_attention_forward(
-        q, k, v, _as_batched_prefix(prefix_k, batch), _as_batched_prefix(prefix_v, batch),
-        _as_batched_gate(gate, batch), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+        q, k, v, as_batched_prefix(prefix_k, batch), as_batched_prefix(prefix_v, batch),
+        as_batched_gate(gate, batch), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
         causal,
     )  # fmt: skip
 
@@ -107,10 +82,10 @@ def fused_attention_backward(
     causal: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     batch = cu_seqlens_q.shape[0] - 1
-    dout, q, k, v, prefix_k, prefix_v = map(_last_dim_contiguous, (dout, q, k, v, prefix_k, prefix_v))
+    dout, q, k, v, prefix_k, prefix_v = map(last_dim_contiguous, (dout, q, k, v, prefix_k, prefix_v))
     grads = load_kernels(q.device).aligner_attention_backward(
-        dout, q, k, v, _as_batched_prefix(prefix_k, batch), _as_batched_prefix(prefix_v, batch),
-        _as_batched_gate(gate, batch), out, lse, lse_prefix, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        dout, q, k, v, as_batched_prefix(prefix_k, batch), as_batched_prefix(prefix_v, batch),
+        as_batched_gate(gate, batch), out, lse, lse_prefix, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         max_seqlen_k, softmax_scale, causal,
         shared_prefix=prefix_k is not None and prefix_k.dim() == 3,
         shared_gate=gate is not None and gate.dim() == 1,
@@ -173,10 +148,10 @@ def fused_decode_forward(
 ) -> Tensor:
     """The split-KV (flash-decoding) forward for short query blocks; no backward."""
     batch = cu_seqlens_q.shape[0] - 1
-    q, k, v, prefix_k, prefix_v = map(_last_dim_contiguous, (q, k, v, prefix_k, prefix_v))
+    q, k, v, prefix_k, prefix_v = map(last_dim_contiguous, (q, k, v, prefix_k, prefix_v))
     return load_kernels(q.device).aligner_attention_decode(
-        q, k, v, _as_batched_prefix(prefix_k, batch), _as_batched_prefix(prefix_v, batch),
-        _as_batched_gate(gate, batch), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+        q, k, v, as_batched_prefix(prefix_k, batch), as_batched_prefix(prefix_v, batch),
+        as_batched_gate(gate, batch), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
         causal,
     )  # fmt: skip
 

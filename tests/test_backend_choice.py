@@ -160,8 +160,9 @@ def deterministic():
 def _choose(inputs, chooser, needs_grad=True, **varlen):
     q = inputs[0]
     return backend_choice.choose(
-        *inputs, causal=True, softmax_scale=q.shape[-1] ** -0.5, cu_seqlens_q=None, cu_seqlens_k=None,
+        *inputs, causal=True, scale=q.shape[-1] ** -0.5, cu_seqlens_q=None, cu_seqlens_k=None,
         max_seqlen_q=q.shape[1], max_seqlen_k=q.shape[1], needs_grad=needs_grad, chooser=chooser,
+        run=aligner.attention.run_backend,
     )  # fmt: skip
 
 

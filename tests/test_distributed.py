@@ -322,7 +322,7 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
 def test_cli_torchrun_two_ranks_equals_one_process(tmp_path, reaper):
     """Why the two runs must agree to float precision: the data file holds exactly one global batch
     (4 rows: batch 4 in one process, 2 per rank on two), so every step sees the same rows whatever
-    order the samplers draw; LLaMA has no dropout (the Aligner refuses attention dropout); the
+    order the samplers draw; the tiny LLaMA has no dropout (attention_dropout 0); the
     Trainer divides each rank's summed loss by the label tokens of the whole global batch
     (average_tokens_across_devices), so DDP's gradient average is the single process's gradient;
     both start from the same saved Aligner (non-zero gates, so every parameter learns from step 1).

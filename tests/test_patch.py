@@ -167,18 +167,20 @@ def test_padded_batch_equals_each_sequence_alone(side, num_tokens):
 
 @pytest.mark.parametrize("num_tokens", [1, 3])
 def test_packed_batch_equals_each_sequence_alone(num_tokens):
-    """Padding-free batches (position_ids restarting per sequence, as TRL's collators produce)."""
+    """Padding-free batches (position_ids restarting per sequence, as TRL's collators produce), run
+    as training runs them: without a KV cache (transformers detects packing only then; with a cache
+    the unpatched model mixes the sequences too)."""
     model = aligner.patch(model_of("llama-gqa-bias"), num_tokens=num_tokens)
     randomize_aligner(model)
     sequences = [tokens(1, n, seed=20 + i)[0] for i, n in enumerate([7, 3, 11])]
     ids = torch.cat(sequences)[None]
     position_ids = torch.cat([torch.arange(len(s), device=DEVICE) for s in sequences])[None]
     with torch.no_grad():
-        logits = model(ids, position_ids=position_ids).logits[0]
+        logits = model(ids, position_ids=position_ids, use_cache=False).logits[0]
         # The same batch described by flash-attn kwargs (DataCollatorWithFlattening style).
         cu = torch.tensor([0, 7, 10, 21], dtype=torch.int32, device=DEVICE)
         flash_kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=11, max_length_k=11)
-        logits_kwargs = model(ids, position_ids=position_ids, **flash_kwargs).logits[0]
+        logits_kwargs = model(ids, position_ids=position_ids, use_cache=False, **flash_kwargs).logits[0]
         expected = torch.cat(_sequence_logits_alone(model, sequences))
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits_kwargs, expected, atol=1e-5, rtol=1e-5)
