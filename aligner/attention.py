@@ -100,9 +100,12 @@ def aligner_attention(
             the PyTorch reference ("reference", and "auto" off CUDA) or our prefix kernels ("split",
             "fused", "auto" on CUDA). ``causal`` and the cu_seqlens still describe q's layout.
 
+    Inside ``torch.autocast`` q, k, v, prefix_k and prefix_v are first cast to the autocast dtype,
+    as SDPA's inputs are (so they may then differ in dtype on entry).
+
     Returns:
         out: (batch_size, seqlen_q, nheads, headdim), or packed (total_q, nheads, headdim); q's
-        dtype. Differentiable in q, k, v, prefix_k, prefix_v and gate.
+        dtype (the autocast dtype inside autocast). Differentiable in q, k, v, prefix_k, prefix_v and gate.
 
     On every kernel backend (fused, split, auto), a query block of at most 16 tokens (decoding)
     that needs no gradient runs the split-KV forward (flash-decoding: the keys are split across
@@ -115,6 +118,7 @@ def aligner_attention(
         raise TypeError(
             f"main_attention must be callable (q, k, v) -> out, got {type(main_attention).__name__}"
         )
+    q, k, v, prefix_k, prefix_v = _autocast(q, k, v, prefix_k, prefix_v)
     max_seqlen_q, max_seqlen_k = check_attention_inputs(
         q, k, v, prefix_k, prefix_v, gate,
         causal=causal, softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
@@ -143,6 +147,18 @@ def aligner_attention(
         if backend == "split" and unsupported is None:
             return split_attention(*inputs, **options)
     return _fused(*inputs, decoding=False, **options)
+
+
+def _autocast(q: Tensor, *others: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Inside ``torch.autocast``, q, k, v and the prefix in the autocast dtype, as autocast hands
+    them to SDPA (under autocast RoPE leaves q in fp32 while v_proj gives bf16); the gate stays
+    fp32 and every backend accumulates in fp32. Outside autocast, unchanged."""
+    tensors = (q, *others)
+    if not isinstance(q, Tensor) or not torch.is_autocast_enabled(q.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(q.device.type)
+    castable = (torch.float32, torch.float16, torch.bfloat16)
+    return tuple(x.to(dtype) if isinstance(x, Tensor) and x.dtype in castable else x for x in tensors)
 
 
 def run_backend(backend: str, q, k, v, prefix_k, prefix_v, gate, **options) -> Tensor:
