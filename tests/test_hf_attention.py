@@ -106,6 +106,17 @@ def test_zero_gates_equal_the_unpatched_model_in_every_implementation(family, im
     assert_same_generation(generated(model, ids, mask), generated(base, ids, mask), exact=True)
 
 
+def test_zero_gates_equal_the_unpatched_model_with_flex_attention():
+    """FlexAttention (its BlockMask from transformers' own flex mask function); LLaMA only: each
+    model compiles its flex kernels on first use (about 20 s on 2 cores)."""
+    base = base_model("llama", "flex_attention")
+    ids, mask = batch(padded=True)
+    model = patched(base, gates=False)
+    assert model.config._attn_implementation == "aligner_flex_attention"
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=mask).logits, base(ids, attention_mask=mask).logits)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_eager_equals_sdpa_equals_the_kernels_with_an_aligner(family):
     """Non-zero gates: the main attention from eager or SDPA, the prefix term from the PyTorch
