@@ -46,7 +46,9 @@ def _add_gated_prefix(out: Tensor, q: Tensor, prefix_k: Tensor, prefix_v: Tensor
     if pk.shape[2] == 1:
         # N = 1 (DESIGN.md): the softmax over one token is 1, so O_pre = PV for every query, and
         # PK's gradient is 0 (multiplying it by 0 keeps it in the graph: a zero, not "unused").
-        prefix_out = pv.repeat_interleave(q.shape[1] // pv.shape[1], dim=1) + 0.0 * pk.sum()
+        prefix_out = pv.repeat_interleave(q.shape[1] // pv.shape[1], dim=1)
+        if pk.requires_grad:
+            prefix_out = prefix_out + 0.0 * pk.sum()
     else:  # separate softmax over the N prefix tokens, visible to every query (no mask)
         prefix_out = F.scaled_dot_product_attention(q, pk, pv, scale=scale, enable_gqa=True)
     # gate (H,) shared or (B, H) per sequence, against out (B, H, L_q, D)
