@@ -97,10 +97,10 @@ def _trainer(model, tokenizer, examples, system, tmp_path) -> tuple[AlignerDisti
     config = TrainConfig(output_dir=str(tmp_path / "out"), max_steps=1, batch_size=3, progress=False)
     aligner.patch(model, num_tokens=2, start_layer=1)
     rows, _ = tokenize_distill(tokenizer, examples, system, max_length=64)
-    from aligner.training.run import _arguments
+    from aligner.training.run import training_arguments
 
     trainer = AlignerDistillTrainer(
-        model=model, args=_arguments(config), train_dataset=rows,
+        model=model, args=training_arguments(config), train_dataset=rows,
         data_collator=distill_collator(tokenizer.pad_token_id),
     )  # fmt: skip
     return trainer, distill_collator(tokenizer.pad_token_id)(rows)

@@ -15,7 +15,6 @@ continuations), then the Aligner is trained with one of two losses:
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,8 +24,8 @@ from torch import Tensor, nn
 from ..patch import disabled
 from .data import Messages, end_of_answer, format_prompt, pad_batch
 from .models import generate
-from .run import TrainConfig, _arguments, _check_rows, _run, attach_aligner, train_sft
-from .trainer import METRICS_NAME, AlignerTrainer, MetricsCallback
+from .run import TrainConfig, train_rows, train_sft
+from .trainer import AlignerTrainer
 
 LOSSES = ("kl", "sft")
 
@@ -184,17 +183,9 @@ def train_distill(
             **train_sft(model, tokenizer, examples, config, source, command="distill"),
         }
     rows, dropped = tokenize_distill(tokenizer, examples, system_prompt, config.max_length)
-    _check_rows(rows, dropped, source, config.max_length)
-    attach_aligner(model, config)
-    trainer = AlignerDistillTrainer(
-        model=model,
-        args=_arguments(config),
-        train_dataset=rows,
-        data_collator=distill_collator(tokenizer.pad_token_id),
-        callbacks=[MetricsCallback(Path(config.output_dir) / METRICS_NAME), *config.callbacks],
-    )
-    return {
-        "distill_loss": loss,
-        "dropped": dropped,
-        **_run(trainer, config, "Aligner distillation KL", "distill"),
-    }
+    summary = train_rows(
+        model, rows, dropped, config, trainer_class=AlignerDistillTrainer,
+        collator=distill_collator(tokenizer.pad_token_id), source=source, title="Aligner distillation KL",
+        command="distill",
+    )  # fmt: skip
+    return {"distill_loss": loss, **summary}

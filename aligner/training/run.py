@@ -59,7 +59,8 @@ def attach_aligner(model: Any, config: TrainConfig) -> Any:
     return patch(model, config.num_tokens, config.start_layer)
 
 
-def _arguments(config: TrainConfig) -> TrainingArguments:
+def training_arguments(config: TrainConfig) -> TrainingArguments:
+    """The transformers TrainingArguments of a run (one set-up for SFT, DPO and distillation)."""
     return TrainingArguments(
         output_dir=config.output_dir,
         per_device_train_batch_size=config.batch_size,
@@ -172,15 +173,10 @@ def check_resumable(checkpoint: Path, expected: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _run(
-    trainer: AlignerTrainer, config: TrainConfig, title: str, command: str | None = None
-) -> dict[str, Any]:
-    """Claim the output directory (:mod:`aligner.outputs`) for ``command`` (train, dpo or distill; by
-    default from the trainer and the title), check a resumed checkpoint, train and save. Ctrl-C saves
+def _run(trainer: AlignerTrainer, config: TrainConfig, title: str, command: str) -> dict[str, Any]:
+    """Claim the output directory (:mod:`aligner.outputs`) for ``command`` (train, dpo or distill),
+    check a resumed checkpoint, train and save. Ctrl-C saves
     the Aligner and a checkpoint of the last finished step."""
-    if command is None:
-        command = "dpo" if isinstance(trainer, AlignerDPOTrainer) else "train"
-        command = "distill" if "distill" in title.lower() else command
     output_dir = Path(config.output_dir)
     model = trainer.accelerator.unwrap_model(trainer.model)
     trainer.run_info = run_info(command, config, base_info(model), trainer.train_dataset)
@@ -240,6 +236,35 @@ def _check_rows(rows: list, dropped: int, path: str | os.PathLike, max_length: i
         )
 
 
+def train_rows(
+    model: Any,
+    rows: list[dict[str, Any]],
+    dropped: int,
+    config: TrainConfig,
+    *,
+    trainer_class: type[AlignerTrainer],
+    collator: Any,
+    source: str,
+    title: str,
+    command: str,
+    **trainer_options: Any,
+) -> dict[str, Any]:
+    """The one Trainer set-up of SFT, DPO and distillation: refuse an empty data set, attach the
+    Aligner (fresh or ``config.init_aligner``), build ``trainer_class`` on the tokenised ``rows``
+    and run it (:func:`_run`). Returns the run's summary with how many rows were ``dropped``."""
+    _check_rows(rows, dropped, source, config.max_length)
+    attach_aligner(model, config)
+    trainer = trainer_class(
+        model=model,
+        args=training_arguments(config),
+        train_dataset=rows,
+        data_collator=collator,
+        callbacks=[MetricsCallback(Path(config.output_dir) / METRICS_NAME), *config.callbacks],
+        **trainer_options,
+    )
+    return {"dropped": dropped, **_run(trainer, config, title, command)}
+
+
 def train_sft(
     model: Any,
     tokenizer: Any,
@@ -252,16 +277,11 @@ def train_sft(
     """SFT of an Aligner on (prompt messages, completion) pairs; the loss covers completions only.
     ``command``: what the output directory's manifest calls the run (distillation's SFT form: distill)."""
     rows, dropped = tokenize_sft(tokenizer, examples, config.max_length)
-    _check_rows(rows, dropped, source, config.max_length)
-    attach_aligner(model, config)
-    trainer = AlignerTrainer(
-        model=model,
-        args=_arguments(config),
-        train_dataset=rows,
-        data_collator=sft_collator(tokenizer.pad_token_id),
-        callbacks=[MetricsCallback(Path(config.output_dir) / METRICS_NAME), *config.callbacks],
-    )
-    return {"dropped": dropped, **_run(trainer, config, "Aligner SFT loss", command)}
+    return train_rows(
+        model, rows, dropped, config, trainer_class=AlignerTrainer,
+        collator=sft_collator(tokenizer.pad_token_id), source=source, title="Aligner SFT loss",
+        command=command,
+    )  # fmt: skip
 
 
 def train_sft_file(
@@ -276,17 +296,11 @@ def train_dpo_file(
 ) -> dict[str, Any]:
     """``aligner dpo``: DPO on preference pairs; the reference is the model with its Aligner disabled."""
     rows, dropped = tokenize_preferences(tokenizer, preference_examples(path), config.max_length)
-    _check_rows(rows, dropped, path, config.max_length)
-    attach_aligner(model, config)
-    trainer = AlignerDPOTrainer(
-        model=model,
-        args=_arguments(config),
-        train_dataset=rows,
-        data_collator=preference_collator(tokenizer.pad_token_id),
-        callbacks=[MetricsCallback(Path(config.output_dir) / METRICS_NAME), *config.callbacks],
-        beta=config.beta,
-    )
-    return {"dropped": dropped, **_run(trainer, config, "Aligner DPO loss")}
+    return train_rows(
+        model, rows, dropped, config, trainer_class=AlignerDPOTrainer,
+        collator=preference_collator(tokenizer.pad_token_id), source=str(path), title="Aligner DPO loss",
+        command="dpo", beta=config.beta,
+    )  # fmt: skip
 
 
 def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
