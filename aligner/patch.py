@@ -421,11 +421,11 @@ def disabled(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
         raise ValueError(
             "the Aligner is merged into o_proj biases; call aligner.unmerge(model) before disabling it"
         )
-    state.enabled = False
+    previous, state.enabled = state.enabled, False
     try:
         yield model
     finally:
-        state.enabled = True
+        state.enabled = previous  # nested blocks: the outer one stays disabled
 
 
 def aligner_parameters(model: PreTrainedModel) -> dict[str, nn.Parameter]:

@@ -216,6 +216,9 @@ def test_unpatch_restores_the_model_and_disabled_runs_the_base():
         assert not torch.allclose(patched_logits, base_logits)
         with aligner.disabled(model):
             torch.testing.assert_close(model(ids).logits, base_logits, rtol=0, atol=0)
+            with aligner.disabled(model):  # nested: the outer block stays disabled after the inner one
+                pass
+            torch.testing.assert_close(model(ids).logits, base_logits, rtol=0, atol=0)
         torch.testing.assert_close(model(ids).logits, patched_logits, rtol=0, atol=0)
         aligner.unpatch(model)
         torch.testing.assert_close(model(ids).logits, base_logits, rtol=0, atol=0)
