@@ -134,7 +134,15 @@ class AlignerBank:
             ) from None
 
     def indices(self, names: Sequence[str | None]) -> Tensor:
-        """One index per row for ``aligner_index``: (B,) int64, None -> -1 (the base model)."""
+        """One index per row for ``aligner_index``: (B,) int64. A name is its Aligner; None is the
+        base model (-1), as ``"aligner": null`` in a prompts file of ``aligner generate --bank``
+        (where a row without the field takes ``--aligner``)."""
+        for position, name in enumerate(names):
+            if name is not None and not isinstance(name, str):
+                raise TypeError(
+                    f"names[{position}] must be an Aligner name (str) or None (the base model), "
+                    f"got {type(name).__name__} {name!r}"
+                )
         return torch.tensor([-1 if name is None else self.index(name) for name in names], dtype=torch.int64)
 
     def select(self, index: Tensor) -> tuple[Tensor, Tensor]:
@@ -243,10 +251,17 @@ class AlignerBank:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> AlignerBank:
+    def load(cls, path: str | os.PathLike, *, revision: str | None = None) -> AlignerBank:
         """Open a bank file, memory-mapped (nothing but the header is read now). The config and
-        names get the checks of :func:`aligner.load`; shapes must agree with them."""
-        path = Path(path)
+        names get the checks of :func:`aligner.load`; shapes must agree with them.
+
+        ``path``: a local file, or on the Hugging Face Hub ``"owner/name"`` (the repository's
+        ``bank.safetensors``) or ``"owner/name/FILE.safetensors"``, fetched alone through the local
+        cache (``revision``: branch, tag or commit). A local path that exists wins; a ``Path`` is
+        always local (:mod:`aligner.hub`)."""
+        from .hub import resolve_bank
+
+        path = resolve_bank(path, revision=revision)
         if not path.is_file():
             raise FileNotFoundError(f"no bank file at {path}")
         try:

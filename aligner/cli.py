@@ -14,16 +14,19 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shlex
 import sys
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .bank_cli import add_bank_commands, add_bank_option, apply_bank, bank_index, cmd_bank, with_aligner_names
-from .options import OptionError, cli_flag
+# Only what parsing the command line needs is imported here: torch, transformers and the training
+# stack are imported by the command that uses them, so that --help and argument errors are fast.
+from . import bank_cli
+from .options import HelpFormatter, OptionError, cli_flag
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -60,6 +63,35 @@ Instructions: JSON/JSONL rows with "instruction" (+ optional "input") or "prompt
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that adds some of its arguments only once it is used: the training flags come
+    from TrainConfig, whose import brings in the training stack (seconds), which ``aligner --help``
+    and the other commands do not need."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deferred: list[Callable[[argparse.ArgumentParser], None]] = []
+
+    def defer(self, add: Callable[[argparse.ArgumentParser], None]) -> None:
+        self._deferred.append(add)
+
+    def _complete(self) -> None:
+        while self._deferred:
+            self._deferred.pop(0)(self)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._complete()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._complete()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._complete()
+        return super().format_help()
+
+
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="base model: directory, .gguf file or hub name (see below)")
     parser.add_argument("--gguf-file", help="which GGUF file of the model directory to load")
@@ -67,7 +99,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         default="float32",
         choices=["float32", "bfloat16", "float16"],
-        help="dtype to load the base model in (default float32)",
+        help="dtype to load the base model in",
     )
 
 
@@ -79,8 +111,18 @@ def _output_arguments(parser: argparse.ArgumentParser, progress: bool = True) ->
         )
 
 
+# Training flags that, when not given, take the --init-aligner Aligner's value (an Aligner's N and
+# layers cannot change); given, they must agree with it.
+INHERITED = ("num_tokens", "start_layer")
+
+
 def _config_arguments(parser: argparse.ArgumentParser, command: str, **defaults: Any) -> None:
-    """The training flags, generated from TrainConfig's fields and their help metadata."""
+    """The training flags, generated from TrainConfig's fields and their help metadata; added when
+    the command's parser is first used (importing TrainConfig takes seconds)."""
+    parser.defer(lambda parser: _add_config_arguments(parser, command, defaults))
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser, command: str, defaults: dict[str, Any]) -> None:
     from .training import TrainConfig
 
     group = parser.add_argument_group("training")
@@ -106,9 +148,11 @@ def _config_arguments(parser: argparse.ArgumentParser, command: str, **defaults:
             options: dict[str, Any] = {"type": kind, "help": text, "choices": meta.get("choices")}
             if meta.get("required"):
                 options["required"] = True
+            elif field.name in INHERITED:
+                options["default"] = None  # so that an explicit value can be told from the default
+                options["help"] += f" (default: {default}; with --init-aligner, that Aligner's)"
             else:
                 options["default"] = default
-                options["help"] += f" (default {default})" if default is not None else ""
             if options["choices"]:
                 options["metavar"] = "NAME"
                 options["help"] += f"; one of {', '.join(options['choices'])}"
@@ -117,27 +161,23 @@ def _config_arguments(parser: argparse.ArgumentParser, command: str, **defaults:
 
 def _generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aligner", help="saved Aligner directory to apply (none: the base model)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="length limit of each answer")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy")
     parser.add_argument("--system", help="system prompt")
 
 
-def _command(
-    commands: Any, name: str, help: str, description: str, raw: bool = False
-) -> argparse.ArgumentParser:
+def _command(commands: Any, name: str, help: str, description: str) -> argparse.ArgumentParser:
     return commands.add_parser(
         name,
         help=help,
         description=description,
         epilog=MODEL_HELP if name not in ("convert", "info") else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="aligner", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = _Parser(prog="aligner", description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = _command(
@@ -168,14 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument(
         "--max-new-tokens", type=int, default=128, help="answer length when generating targets"
     )
-    distill.add_argument(
-        "--loss", default="kl", choices=["kl", "sft"], help="distillation loss (default kl; see above)"
-    )
+    distill.add_argument("--loss", default="kl", choices=["kl", "sft"], help="distillation loss (see above)")
     distill.add_argument(
         "--temperature",
         type=float,
         default=0.0,
-        help="sampling temperature of the teacher's answers (default 0: greedy)",
+        help="sampling temperature of the teacher's answers; 0: greedy",
     )
     _output_arguments(distill, progress=False)
     _config_arguments(distill, "distill")
@@ -184,14 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
         commands,
         "generate",
         "answer prompts",
-        "Answer prompts with the base model or the base model plus an Aligner.",
+        "Answer prompts with the base model or the base model plus an Aligner. Prompts file rows:\n"
+        '{"prompt": "..."} or {"instruction": "...", "input": "..."}; with --bank, a row\'s "aligner"\n'
+        'field picks its Aligner ("aligner": null: the base model; no field: --aligner).',
     )
     _model_arguments(gen)
     _generation_arguments(gen)
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    gen.add_argument("--data", help="prompts file (rows with instruction or prompt)")
-    gen.add_argument("--batch-size", type=int, default=8)
-    gen.add_argument("--output", help="also write JSON lines {prompt, answer} to this new file")
+    gen.add_argument("--data", help="prompts file (.json or .jsonl; rows with instruction or prompt)")
+    gen.add_argument("--batch-size", type=int, default=8, help="prompts answered together")
+    gen.add_argument(
+        "--output", help="also write JSON lines {prompt, answer} to this file (new, or with --overwrite)"
+    )
     gen.add_argument("--overwrite", action="store_true", help="replace the --output file if it exists")
     _output_arguments(gen)
 
@@ -204,9 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(chat)
     _generation_arguments(chat)
     _output_arguments(chat)
-    add_bank_option(gen)  # bank: aligner/bank_cli.py
-    add_bank_option(chat)
-    add_bank_commands(commands)
+    bank_cli.add_bank_option(gen)  # bank: aligner/bank_cli.py
+    bank_cli.add_bank_option(chat)
+    bank_cli.add_bank_commands(commands)
 
     merge = _command(
         commands,
@@ -254,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("path", help="saved Aligner directory, or a model")
     info.add_argument("--gguf-file", help="which GGUF file of the model directory to read")
-    info.add_argument("--num-tokens", type=int, default=1, help="Aligner tokens to price (default 1)")
-    info.add_argument("--start-layer", type=int, default=2, help="first Aligner layer to price (default 2)")
+    info.add_argument("--num-tokens", type=int, default=1, help="Aligner tokens to price")
+    info.add_argument("--start-layer", type=int, default=2, help="first Aligner layer to price")
     _output_arguments(info, progress=False)
     return parser
 
@@ -367,10 +409,6 @@ def _check_training(args: argparse.Namespace, config: Any, command: str) -> None
     from .outputs import check_output_dir
     from .training.run import check_resumable, resume_checkpoint, run_info
 
-    if config.init_aligner is not None and not Path(config.init_aligner).is_dir():
-        raise FileNotFoundError(
-            f"--init-aligner {config.init_aligner}: no such directory (expected a saved Aligner)"
-        )
     base = _check_model(args, config.init_aligner)
     layers = base["num_hidden_layers"]
     if config.init_aligner is None and config.start_layer >= layers:
@@ -392,12 +430,66 @@ def _check_training(args: argparse.Namespace, config: Any, command: str) -> None
             check_resumable(checkpoint, run_info(command, config, None, None))
 
 
+def _inherit_from_init_aligner(values: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """The INHERITED options not given take the --init-aligner Aligner's values (else ``defaults``);
+    given, they must agree with it: an explicit --num-tokens 2 is never silently replaced."""
+    from .serialization import read_config
+
+    init = values.get("init_aligner")
+    saved = None
+    if init is not None:
+        init = values["init_aligner"] = _local_aligner(init, "--init-aligner")
+        saved = read_config(init)
+    for name in INHERITED:
+        if values.get(name) is None:
+            values[name] = defaults[name] if saved is None else saved[name]
+        elif saved is not None and values[name] != saved[name]:
+            raise OptionError(
+                f"{{{name}}} {values[name]} conflicts with {{init_aligner}} {init}: that Aligner has "
+                f"{name} {saved[name]}; leave {{{name}}} out to use the Aligner's, or drop "
+                "{init_aligner} to train a fresh Aligner"
+            )
+
+
 def _config(args: argparse.Namespace, console: Console) -> Any:
     from .training import TrainConfig
 
-    names = {field.name for field in dataclasses.fields(TrainConfig)}
-    values = {name: value for name, value in vars(args).items() if name in names}
-    return TrainConfig(**values, callbacks=[_console_callback(console)])
+    fields = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+    values = {name: value for name, value in vars(args).items() if name in fields}
+    _inherit_from_init_aligner(values, fields)
+    return TrainConfig(**values, callbacks=[_console_callback(console), _last_step_logs()])
+
+
+def _last_step_logs() -> Any:
+    from transformers import TrainerCallback
+
+    class LastStepLogs(TrainerCallback):
+        """Logs the loss at the last step of a run that logged none (one shorter than
+        --logging-steps), so that metrics.jsonl holds a loss and loss_curve.png is drawn."""
+
+        def __init__(self) -> None:
+            self.logged = False
+
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any
+        ) -> None:
+            self.logged = self.logged or bool(logs and "loss" in logs)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if not self.logged and state.global_step >= state.max_steps:
+                control.should_log = True  # on every rank alike: logging gathers the loss
+
+    return LastStepLogs()
+
+
+def _check_generation(args: argparse.Namespace) -> None:
+    """The generation options, each on its own (the message names the one that is wrong)."""
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if getattr(args, "batch_size", 1) < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not args.temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -455,10 +547,7 @@ def cmd_distill(args: argparse.Namespace, console: Console) -> None:
         system = args.system_prompt.strip()
     if not system:
         raise ValueError("the system prompt is empty: give the text to bake in with --system-prompt")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    _check_generation(args)
     prompts = prompt_examples(args.data)
     _check_training(args, config, "distill")
     model, tokenizer = _load(args)
@@ -486,33 +575,55 @@ def cmd_distill(args: argparse.Namespace, console: Console) -> None:
     _report(console, summary, args.output_dir)
 
 
-def _with_aligner(args: argparse.Namespace) -> tuple[Any, Any]:
+def _local_aligner(source: str, argument: str) -> str:
+    """An Aligner given as a local directory or a Hugging Face Hub repo id, as a local directory
+    (downloaded into the Hub cache if needed); a clear error naming ``argument`` otherwise."""
+    from .hub import resolve_aligner
+
+    return str(resolve_aligner(source, argument=argument))
+
+
+def _check_aligner(args: argparse.Namespace) -> Any:
+    """Before the model loads: its config, and the --aligner directory (made for it) or, with --bank,
+    the bank file (made for it, holding --aligner NAME). Returns the bank (None without --bank)."""
+    bank_file = getattr(args, "bank", None)
+    if args.aligner and not bank_file:
+        args.aligner = _local_aligner(args.aligner, "--aligner")
+    base = _check_model(args, None if bank_file else args.aligner)
+    return bank_cli.open_bank(bank_file, base, args.aligner) if bank_file else None
+
+
+def _with_aligner(args: argparse.Namespace, bank: Any = None) -> tuple[Any, Any]:
+    """The model and tokenizer, with the --aligner directory loaded, or ``bank`` attached."""
     from . import load
 
-    # with --bank, --aligner names an Aligner inside the bank, not a directory
-    _check_model(args, None if getattr(args, "bank", None) else args.aligner)
     model, tokenizer = _load(args)
-    if getattr(args, "bank", None):  # generate / chat --bank: --aligner names an Aligner in it
-        apply_bank(model, args)
+    if bank is not None:  # generate / chat --bank: --aligner names an Aligner in it
+        bank_cli.apply_bank(model, bank, args.aligner)
     elif args.aligner:
         load(model, args.aligner)
     return model, tokenizer
 
 
 def cmd_generate(args: argparse.Namespace, console: Console) -> None:
-    from .training import generate, prompt_examples, write_jsonl
+    from .outputs import check_output_file, write_results
 
-    prompts = list(args.prompt)
-    if args.data:
-        prompts += prompt_examples(args.data)
-    if not prompts:
+    _check_generation(args)
+    if not args.prompt and not args.data:
         raise ValueError("nothing to answer: give --prompt TEXT (repeatable) or --data FILE")
-    if args.max_new_tokens < 1 or args.batch_size < 1 or args.temperature < 0:
-        raise ValueError("--max-new-tokens and --batch-size must be >= 1 and --temperature >= 0")
-    if args.output and Path(args.output).exists() and not args.overwrite:
-        raise FileExistsError(f"--output {args.output} exists; pass --overwrite to replace it")
-    model, tokenizer = _with_aligner(args)
-    index = bank_index(model, args) if args.bank else None  # one Aligner per row
+    if args.output:
+        check_output_file(args.output, "--output", overwrite=args.overwrite, example="answers.jsonl")
+    from .training import generate, prompt_examples
+
+    choices = bank_cli.row_aligners(args.data) if args.data else []
+    prompts = [*args.prompt, *(prompt_examples(args.data) if args.data else [])]
+    bank = _check_aligner(args)
+    if bank is None:
+        bank_cli.check_rows_without_bank(args.data, choices, args.aligner)
+        index = None
+    else:  # one Aligner per row
+        index = bank_cli.bank_index(bank, args.aligner, len(args.prompt), choices, args.data)
+    model, tokenizer = _with_aligner(args, bank)
     system = [{"role": "system", "content": args.system}] if args.system else []
     answers = generate(
         model,
@@ -526,17 +637,19 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> None:
     )
     rows = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]
     if index is not None:
-        rows = with_aligner_names(model, index, rows)
+        rows = bank_cli.with_aligner_names(bank, index, rows)
     for row in rows:
         console.emit(row, f"> {row['prompt']}\n{row['answer']}\n")
     if args.output:
-        write_jsonl(args.output, rows)
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        write_results(args.output, text, "--output")
 
 
 def cmd_chat(args: argparse.Namespace, console: Console) -> None:
+    _check_generation(args)
     from .training import generate
 
-    model, tokenizer = _with_aligner(args)
+    model, tokenizer = _with_aligner(args, _check_aligner(args))
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
@@ -572,17 +685,20 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> None:
     from .outputs import OutputDir, check_output_dir
     from .serialization import merged_model, read_config, save_pretrained_owned
 
-    config = read_config(args.aligner) if Path(args.aligner).is_dir() else None
+    args.aligner = _local_aligner(args.aligner, "--aligner")
+    config = read_config(args.aligner)
     if config is not None and config["num_tokens"] != 1:
         raise ValueError(
             f"--aligner {args.aligner} has {config['num_tokens']} tokens; only a 1-token Aligner merges"
         )
     inputs = [args.aligner, args.model, Path(args.model).parent if args.model.endswith(".gguf") else None]
     check_output_dir(args.output_dir, "merge", overwrite=args.overwrite, inputs=inputs)
+    _check_aligner(args)
     model, tokenizer = _with_aligner(args)
     layers = merged_model(model)
     output = OutputDir.claim(args.output_dir, "merge", overwrite=args.overwrite, inputs=inputs)
     files = save_pretrained_owned(output, model, tokenizer)
+    output.give_usual_mode(*files)  # save_pretrained leaves model.safetensors 0600
     console.emit(
         {"output_dir": args.output_dir, "merged_layers": layers, "files": files},
         f"merged the Aligner into layers {layers[0]}-{layers[-1]}; the model is in {args.output_dir} "
@@ -620,6 +736,13 @@ def cmd_info(args: argparse.Namespace, console: Console) -> None:
     from .training.models import base_config_fingerprint
 
     path = Path(args.path)
+    if path.is_file() and path.suffix == ".safetensors":
+        if bank_cli.is_bank_file(path):
+            raise ValueError(f"{path} is a bank of Aligners; list it with: aligner bank list {path}")
+        raise ValueError(
+            f"{path} is a safetensors file, not a model or a saved Aligner: give the directory that "
+            "holds it (a model's, with config.json, or an Aligner's, with aligner_config.json)"
+        )
     if (path / CONFIG_NAME).is_file():
         info = describe_aligner(path)
         base = info["base"]
@@ -654,7 +777,7 @@ COMMANDS = {
     "merge": cmd_merge,
     "convert": cmd_convert,
     "info": cmd_info,
-    "bank": cmd_bank,
+    "bank": bank_cli.cmd_bank,
 }
 
 
@@ -675,25 +798,50 @@ def _rerun_command(argv: Sequence[str], resume: Any, flag: str) -> str:
     return shlex.join([*words, flag])
 
 
+# bitsandbytes, which transformers' Trainer imports through peft, warns on every import on CPUs with
+# AVX512-BF16 that its optional 4-bit kernel package is missing. The command line loads bases in full
+# precision only (no 4-bit layers), so the warning says nothing about what a command does.
+_BITSANDBYTES_LOGGER = "bitsandbytes.backends.cpu.ops"
+_BITSANDBYTES_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def _not_bitsandbytes_kernel_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_BITSANDBYTES_WARNING)
+
+
+@contextlib.contextmanager
+def _without_bitsandbytes_kernel_warning() -> Iterator[None]:
+    logger = logging.getLogger(_BITSANDBYTES_LOGGER)
+    logger.addFilter(_not_bitsandbytes_kernel_warning)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_not_bitsandbytes_kernel_warning)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the aligner command line; returns the exit status."""
-    from .training.run import TrainingInterrupted
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    with _without_bitsandbytes_kernel_warning():
+        args = build_parser().parse_args(argv)
+        return _run(args, argv)
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
     console = Console(getattr(args, "json", False))
     try:
         with progress_bars(getattr(args, "progress", True)):
             COMMANDS[args.command](args, console)
-    except TrainingInterrupted as interrupt:
+    except KeyboardInterrupt as interrupt:
+        run = sys.modules.get("aligner.training.run")  # loaded if training was interrupted
+        if run is None or not isinstance(interrupt, run.TrainingInterrupted):
+            print(f"aligner {args.command}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
         print(f"aligner {args.command}: {interrupt}", file=sys.stderr)
         if interrupt.checkpoint is not None:
             print(f"continue with: {_rerun_command(argv, args.resume, '--resume')}", file=sys.stderr)
         else:
             print(f"start again with: {_rerun_command(argv, args.resume, '--overwrite')}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        print(f"aligner {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except ImportError as error:
         print(

@@ -1,8 +1,10 @@
 """Errors about a named option, worded for whoever set it: ``max_steps`` for library callers,
-``--max-steps`` on the command line."""
+``--max-steps`` on the command line; and how the command line's ``--help`` shows option defaults.
+Nothing heavy is imported here: ``aligner --help`` reads this module."""
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Callable
 
@@ -27,3 +29,15 @@ class OptionError(ValueError):
 def cli_flag(name: str) -> str:
     """The command-line spelling of option ``name``: ``--max-steps`` for ``max_steps``."""
     return "--" + name.replace("_", "-")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` of the ``aligner`` commands: descriptions and epilogs as written, and every option's
+    default shown ("(default: 128)"), except where there is none to show (None, an empty list, an
+    on/off flag) or the help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.nargs == 0 or action.default in (None, [], argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)

@@ -15,7 +15,13 @@ An entry is added *before* the file is written, so that a crash leaves nothing u
   output: old checkpoints must not be resumed into a new run) and every new file replaces an old
   one atomically; files not listed in a manifest are never deleted;
 - a directory that is also one of the command's inputs (the Aligner being merged, the base model)
-  is refused even with ``overwrite``.
+  is refused even with ``overwrite``;
+- every file written gets the mode a new file normally gets (0666 less the umask), whatever the
+  writer left.
+
+Commands that write one file (``generate --output``, ``bank build``) check it with
+:func:`check_output_file` before any work, and write computed results with :func:`write_results`,
+which never loses them.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -117,6 +124,67 @@ def check_output_dir(
     )
 
 
+def check_output_file(
+    path: str | os.PathLike,
+    what: str,
+    *,
+    overwrite: bool = False,
+    make_parents: bool = False,
+    example: str = "results.jsonl",
+) -> Path:
+    """Check, before any work, that a command may write the file ``path`` (nothing is written):
+    not a directory, not an existing file unless ``overwrite``, in an existing writable folder (with
+    ``make_parents``: one that can be made). ``what`` names it in the errors (``--output``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"{what} {path} is a directory; give the name of a file to write, e.g. {path / example}"
+        )
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{what} {path} exists; pass --overwrite to replace it")
+    folder = path.parent
+    while make_parents and not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        problem = "does not exist" if not folder.exists() else "is not a folder"
+        raise FileNotFoundError(f"{what} {path}: {folder} {problem}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {path}: the folder {folder} is not writable")
+    return path
+
+
+def write_results(path: str | os.PathLike, text: str, what: str) -> Path:
+    """Write ``text``, results that took work to compute, to ``path`` atomically. Should that fail
+    (the disk is full, the folder went away), they are not lost: they go to a new file in the
+    temporary directory, and the error raised names it."""
+    try:
+        return write_atomic(path, text)
+    except OSError as error:
+        path = Path(path)
+        try:
+            fd, rescue = tempfile.mkstemp(prefix=f"aligner-{path.stem}-", suffix=path.suffix or ".txt")
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                file.write(text)
+        except OSError:
+            kept = "the results are only in the output above"
+        else:
+            kept = f"the results are saved in {rescue} instead"
+        raise OSError(f"{what} {path} could not be written ({error.strerror or error}); {kept}") from error
+
+
+def new_file_mode() -> int:
+    """The permission bits a newly created file gets: 0o666 less the process umask."""
+    try:  # Linux: read without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 class OutputDir:
     """A directory a command writes into, with its manifest kept up to date (see the module doc)."""
 
@@ -164,6 +232,17 @@ class OutputDir:
         if new or not (self.path / MANIFEST_NAME).is_file():
             self._manifest["files"] = [*self._manifest["files"], *new]
             self._save()
+
+    def give_usual_mode(self, *names: str) -> None:
+        """Give the files ``names`` (this command's own) the mode a new file gets, as every other
+        output has: some writers leave 0600 (``save_pretrained`` does for ``model.safetensors``)."""
+        mode = new_file_mode()
+        for name in names:
+            if not self.owns(name):
+                raise ValueError(f"{self.path / name} was not written by aligner; its mode is left as it is")
+            path = self.path / name
+            if path.is_file() and not path.is_symlink():
+                os.chmod(path, mode)
 
     def remove(self, name: str) -> None:
         """Delete an entry this directory's manifest lists (and only such an entry)."""

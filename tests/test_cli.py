@@ -457,7 +457,7 @@ def test_checks_before_the_model_loads(model_dir, trained, tmp_path, capsys, no_
         ([*train, "--init-aligner", tmp_path / "nowhere"], "--init-aligner"),
         ([*train, "--init-aligner", other], f"was made for {other_dir} (llama hidden_size=48"),
         (["generate", model_dir, "--aligner", other, "--prompt", "hi"], f"was made for {other_dir}"),
-        (["generate", model_dir, "--aligner", tmp_path / "nowhere", "--prompt", "hi"], "no such directory"),
+        (["generate", model_dir, "--aligner", tmp_path / "nowhere", "--prompt", "hi"], "no such local directory"),
         (
             ["generate", model_dir, "--aligner", tmp_path / "not-an-aligner", "--prompt", "hi"],
             "no Aligner config",
@@ -659,3 +659,230 @@ def test_ctrl_c_before_the_first_step_prints_the_command_that_starts_again(
     monkeypatch.setattr(aligner.cli, "_console_callback", real_callback)
     code, stdout, err = run_cli(capsys, *shlex.split(command)[1:], "--json")
     assert code == 0 and json_lines(stdout)[-1]["steps"] == 2, err
+
+
+# --------------------------------------------------------------------------------------------
+# What a new user met (issue 22, part 5)
+
+
+@pytest.fixture(scope="module")
+def other_aligner(tmp_path_factory) -> Path:
+    """A saved Aligner of another base (3 layers of width 48) than model_dir's."""
+    from transformers import AutoModelForCausalLM
+
+    directory = tmp_path_factory.mktemp("other")
+    base = save_tiny_model(directory / "base", num_hidden_layers=3, hidden_size=48, intermediate_size=96)
+    return aligner.save(aligner.patch(AutoModelForCausalLM.from_pretrained(base)), directory / "aligner")
+
+
+@pytest.fixture(scope="module")
+def bank_file(trained, tmp_path_factory) -> Path:
+    """A bank for model_dir's base holding the Aligner `trained` twice, as "one" and "two"."""
+    bank = tmp_path_factory.mktemp("bank") / "bank.safetensors"
+    argv = ["bank", "build", bank, trained, trained, "--name", "one", "--name", "two"]
+    assert main([str(a) for a in argv]) == 0
+    return bank
+
+
+def test_a_rows_aligner_without_bank_is_an_error_before_the_model_loads(
+    model_dir, trained, tmp_path, capsys, no_model_loading
+):
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "hi"}, {"prompt": "hi", "aligner": "json"}])
+    err = _bad(capsys, tmp_path, "generate", model_dir, "--data", rows)
+    assert "rows.jsonl: row 2 names the Aligner 'json', but without --bank every row is answered" in err
+    assert "pass --bank FILE" in err
+    null = write_jsonl(tmp_path / "null.jsonl", [{"prompt": "hi", "aligner": None}])
+    err = _bad(capsys, tmp_path, "generate", model_dir, "--aligner", trained, "--data", null)
+    assert 'null.jsonl: row 1 asks for the base model ("aligner": null)' in err and "--bank" in err
+
+
+def test_aligner_null_is_the_base_model_in_the_command_line_and_the_library(
+    model_dir, bank_file, tmp_path, capsys
+):
+    bank = aligner.AlignerBank.load(bank_file)
+    assert bank.indices([None, "two"]).tolist() == [-1, 1]
+    with pytest.raises(TypeError, match=r"names\[1\] must be an Aligner name \(str\) or None"):
+        bank.indices(["one", 1])
+    rows = [{"prompt": "hi", "aligner": None}, {"prompt": "hi"}, {"prompt": "hi", "aligner": "one"}]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    generate = ["generate", model_dir, "--max-new-tokens", "2", "--json", "--no-progress"]
+    code, out, err = run_cli(
+        capsys, *generate, "--bank", bank_file, "--aligner", "two", "--prompt", "hi", "--data", data
+    )
+    assert code == 0, err
+    # --prompt: --aligner; null: the base model; no field: --aligner; a name: that Aligner
+    assert [row["aligner"] for row in json_lines(out)] == ["two", None, "two", "one"]
+    # without --bank and --aligner, null asks for what runs anyway: the base model
+    null = write_jsonl(tmp_path / "null.jsonl", rows[:2])
+    code, out, err = run_cli(capsys, *generate, "--data", null)
+    assert code == 0 and len(json_lines(out)) == 2, err
+
+
+def test_an_explicit_flag_that_conflicts_with_init_aligner_is_an_error(model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    two = aligner.save(aligner.patch(base, num_tokens=2, start_layer=1), tmp_path / "two-tokens")
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS)
+    train = ["train", model_dir, "--data", data, "--init-aligner", two, *FAST]
+    conflicts = (("--num-tokens", "1", "num_tokens 2"), ("--start-layer", "2", "start_layer 1"))
+    for flag, value, saved in conflicts:
+        err = _bad(capsys, tmp_path, *train, "--output-dir", tmp_path / "out", flag, value)
+        assert f"{flag} {value} conflicts with --init-aligner {two}: that Aligner has {saved}" in err
+    code, _, err = run_cli(capsys, *train, "--output-dir", tmp_path / "unset")  # unset: the Aligner's
+    assert code == 0, err
+    config = aligner.read_config(tmp_path / "unset")
+    assert (config["num_tokens"], config["start_layer"]) == (2, 1)
+    agreeing = ["--num-tokens", "2", "--start-layer", "1"]
+    assert run_cli(capsys, *train, "--output-dir", tmp_path / "same", *agreeing)[0] == 0
+
+
+def test_output_paths_are_checked_before_any_work(model_dir, trained, tmp_path, capsys, no_model_loading):
+    adir = tmp_path / "adir"
+    adir.mkdir()
+    generate = ["generate", model_dir, "--prompt", "hi", "--output"]
+    err = _bad(capsys, tmp_path, *generate, adir, "--overwrite")
+    assert f"--output {adir} is a directory; give the name of a file to write" in err
+    err = _bad(capsys, tmp_path, *generate, tmp_path / "nowhere" / "answers.jsonl")
+    assert f"--output {tmp_path / 'nowhere' / 'answers.jsonl'}: {tmp_path / 'nowhere'} does not exist" in err
+    # before reading any Aligner: the one named here does not even exist
+    err = _bad(capsys, tmp_path, "bank", "build", adir, tmp_path / "no-aligner", "--overwrite")
+    assert f"bank file {adir} is a directory; give the name of a file to write" in err
+
+
+def test_generated_answers_are_never_lost(model_dir, tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    import aligner.outputs
+
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device")
+
+    rescue = tmp_path / "tmp"
+    rescue.mkdir()
+    monkeypatch.setattr(aligner.outputs, "write_atomic", full_disk)
+    monkeypatch.setattr(tempfile, "tempdir", str(rescue))
+    output = tmp_path / "answers.jsonl"
+    prompts = ["--prompt", "hi", "--prompt", "name a color", "--max-new-tokens", "2", "--json"]
+    code, out, err = run_cli(capsys, "generate", model_dir, *prompts, "--no-progress", "--output", output)
+    assert code == EXIT_ERROR
+    [saved] = rescue.iterdir()
+    lost = f"--output {output} could not be written (No space left on device)"
+    assert f"{lost}; the results are saved in {saved} instead" in err
+    assert [json.loads(line) for line in saved.read_text().splitlines()] == json_lines(out)
+
+
+def test_bank_checks_come_before_the_model_loads(
+    model_dir, bank_file, other_aligner, tmp_path, capsys, no_model_loading
+):
+    other_bank = tmp_path / "other.safetensors"
+    assert run_cli(capsys, "bank", "build", other_bank, other_aligner)[0] == 0
+    rows = {
+        name: write_jsonl(tmp_path / f"{name}.jsonl", [{"prompt": "hi"}, {"prompt": "hi", "aligner": value}])
+        for name, value in (("unknown", "nope"), ("empty", ""), ("number", 1))
+    }
+    generate = ["generate", model_dir, "--bank", bank_file]
+    must_be = "field 'aligner' must be the name of an Aligner in the --bank, or null for the base model"
+    unknown = "no Aligner named 'nope' in the bank (2 Aligners: 'one', 'two'); `aligner bank list` shows them"
+    cases = [
+        (["generate", model_dir, "--bank", other_bank, "--prompt", "hi"], f"{other_bank} was made for llama"),
+        (["chat", model_dir, "--bank", other_bank], "use the bank with the base model its Aligners were"),
+        ([*generate, "--data", rows["unknown"]], f"unknown.jsonl: row 2: {unknown}"),
+        ([*generate, "--data", rows["empty"]], f'empty.jsonl: row 2: {must_be}; got ""'),
+        ([*generate, "--data", rows["number"]], f"number.jsonl: row 2: {must_be}; got 1"),
+        ([*generate, "--aligner", "nope", "--prompt", "hi"], "--aligner: no Aligner named 'nope' in the"),
+    ]
+    for argv, message in cases:
+        err = _bad(capsys, tmp_path, *argv)
+        assert message in err, (argv, err)
+
+
+def test_help_and_argument_errors_import_no_training_stack_and_nothing_warns(model_dir, tmp_path):
+    """Run as a user does, in a fresh process: --help and a bad option never import the training
+    stack (transformers' Trainer, peft, bitsandbytes: seconds); bitsandbytes' warning about its
+    optional CPU kernel package never reaches stderr, also where the training stack is imported."""
+    import subprocess
+
+    script = (
+        "import sys\n"
+        "from aligner.cli import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "code = main(['generate', sys.argv[1], '--prompt', 'hi', '--max-new-tokens', '-1'])\n"
+        "heavy = ('aligner.training', 'transformers.trainer', 'peft', 'bitsandbytes', 'datasets')\n"
+        "print('loaded:', [name for name in heavy if name in sys.modules], code)\n"
+        "sys.exit(main(['info', sys.argv[1]]))\n"  # imports the training stack
+    )
+    command = [sys.executable, "-c", script, str(model_dir)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "loaded: [] 2" in result.stdout and "model_type=llama" in result.stdout
+    assert result.stderr.splitlines() == ["aligner generate: error: --max-new-tokens must be >= 1, got -1"]
+
+
+def test_small_things(model_dir, trained, tmp_path, capsys):
+    bank = tmp_path / "bank.safetensors"
+    code, out, _ = run_cli(capsys, "bank", "build", bank, trained)
+    assert code == 0 and out.strip() == f"build: {bank} now holds 1 Aligner"
+    code, out, _ = run_cli(capsys, "bank", "list", bank)
+    assert code == 0 and out.startswith("1 Aligner, num_tokens=1")
+    err = _bad(capsys, tmp_path, "info", bank)
+    assert f"{bank} is a bank of Aligners; list it with: aligner bank list {bank}" in err
+    expected = "expected a .safetensors file written by `aligner bank build`"
+    err = _bad(capsys, tmp_path, "bank", "list", tmp_path)
+    assert f"bank file {tmp_path} is a directory; {expected}" in err
+    err = _bad(capsys, tmp_path, "bank", "add", tmp_path / "none.safetensors", trained)
+    assert f"no bank file at {tmp_path / 'none.safetensors'} ({expected})" in err
+    for flag, value, message in (
+        ("--max-new-tokens", "-1", "--max-new-tokens must be >= 1, got -1"),
+        ("--batch-size", "0", "--batch-size must be >= 1, got 0"),
+        ("--temperature", "-0.5", "--temperature must be >= 0 (0 = greedy), got -0.5"),
+    ):  # each names only the option that is wrong
+        err = _bad(capsys, tmp_path, "generate", model_dir, "--prompt", "hi", flag, value)
+        assert err == f"aligner generate: error: {message}"
+    err = _bad(capsys, tmp_path, "chat", model_dir, "--max-new-tokens", "0")
+    assert err == "aligner chat: error: --max-new-tokens must be >= 1, got 0"
+
+
+def test_a_run_shorter_than_logging_steps_has_its_loss_plot(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS)
+    short = ["--max-steps", "2", "--batch-size", "2", "--logging-steps", "5", "--no-progress"]
+    code, _, err = run_cli(capsys, "train", model_dir, "--data", data, "--output-dir", out, *short)
+    assert code == 0, err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2]
+    assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_merged_file_has_the_mode_of_a_new_file(model_dir, trained, tmp_path, capsys):
+    import os
+
+    out = tmp_path / "merged"
+    umask = os.umask(0o027)
+    try:
+        code, _, err = run_cli(capsys, "merge", model_dir, "--aligner", trained, "--output-dir", out)
+    finally:
+        os.umask(umask)
+    assert code == 0, err
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in out.iterdir()}
+    assert set(modes.values()) == {"0o640"}, modes  # model.safetensors included (save_pretrained: 0600)
+
+
+def test_help_shows_every_default(capsys):
+    expected = {
+        "generate": ["length limit of each answer (default: 128)", "prompts answered together (default: 8)",
+                     '"aligner": null: the base model', "(default: float32)"],
+        "train": ["learning rate (default: 0.009)", "Aligner prefix tokens N (default: 1; with --init-",
+                  "log the loss every this many steps (default: 5)"],
+        "info": ["first Aligner layer to price (default: 2)"],
+    }  # fmt: skip
+    for command, texts in expected.items():
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        for text in texts:
+            assert text in out, (command, text)
+        assert "(default: None)" not in out and "(default: False)" not in out
