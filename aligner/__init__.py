@@ -3,6 +3,8 @@ fused flash-attention prefix."""
 
 from .attention import aligner_attention
 from .bank import AlignerBank, attach_bank, detach_bank
+from .disabled_model import DisabledModel, disabled_model
+from .hub import push_to_hub
 from .modules import AlignerFlashAttention, AlignerPrefix, project_prefix
 from .patch import (
     aligner_parameters,
@@ -21,6 +23,7 @@ __all__ = [
     "AlignerBank",
     "AlignerFlashAttention",
     "AlignerPrefix",
+    "DisabledModel",
     "aligner_attention",
     "aligner_attention_reference",
     "aligner_parameter_count",
@@ -29,11 +32,13 @@ __all__ = [
     "detach_bank",
     "convert_official",
     "disabled",
+    "disabled_model",
     "load",
     "merge",
     "patch",
     "print_trainable_parameters",
     "project_prefix",
+    "push_to_hub",
     "read_config",
     "save",
     "trainable_parameters",

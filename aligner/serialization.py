@@ -244,7 +244,7 @@ def save(model, directory: str | os.PathLike) -> Path:
         tensors[name] = _whole(param.detach()).to(device="cpu", dtype=torch.float32).contiguous()
     name = getattr(model.config, "_name_or_path", "") or None
     config = _config(base_fingerprint(model.config), state.num_tokens, state.start_layer, base_model=name)
-    return _write(directory, tensors, config)
+    return _write(Path(directory).expanduser(), tensors, config)
 
 
 def merged_model(model: Any) -> list[int]:
@@ -401,8 +401,13 @@ def read_aligner(
     return config, tensors
 
 
-def load(model, directory: str | os.PathLike, *, backend: str | None = None):
+def load(model, directory: str | os.PathLike, *, backend: str | None = None, revision: str | None = None):
     """Load a saved Aligner into ``model`` (patching it first if needed) and return the model.
+
+    ``directory``: a local directory written by :func:`save`, or a Hugging Face Hub repo id
+    (``"user/my-aligner"``; ``revision``: a branch, tag or commit) from which only the two Aligner
+    files are fetched, through the local cache (:mod:`aligner.hub`). A local path that exists wins
+    over a repo id of the same name; a ``Path`` is always local.
 
     The base model must match the fingerprint the Aligner was saved with. Everything is checked
     before the model is touched: a failing load leaves an unpatched model unpatched. An already
@@ -411,7 +416,9 @@ def load(model, directory: str | os.PathLike, *, backend: str | None = None):
     :func:`aligner.patch.patch`. Aligner parameters on the meta device are refused (copying into
     them would silently do nothing).
     """
-    directory = Path(directory)
+    from .hub import resolve_aligner  # aligner.hub imports this module
+
+    directory = resolve_aligner(directory, revision=revision)
     config = read_config(directory)
     check_base(directory, base_fingerprint(model.config))
     num_tokens, start_layer = config["num_tokens"], config["start_layer"]

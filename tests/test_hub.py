@@ -1,0 +1,313 @@
+"""Aligners and banks by Hugging Face Hub repo id, without a network: HF_HUB_OFFLINE=1 and a local
+Hugging Face cache in tmp_path holding repositories in the cache's real layout
+(``models--owner--name/{blobs,snapshots/<commit>,refs}``), which ``snapshot_download`` /
+``hf_hub_download`` resolve offline. ``push_to_hub`` runs against a fake ``HfApi`` that writes the
+uploaded folder to disk; what it uploads is then put in the cache and loaded back by repo id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from unittest.mock import Mock
+
+import huggingface_hub
+import pytest
+import torch
+from huggingface_hub import constants, errors
+from tiny_models import randomize_aligner, save_tiny_model, tiny_model
+
+import aligner
+from aligner import AlignerBank
+from aligner.hub import BANK_FILENAME, is_repo_id, model_card
+from aligner.serialization import CONFIG_NAME, WEIGHTS_NAME
+
+REPO = "user/my-aligner"
+COMMITS = {"main": "a" * 40, "v1": "b" * 40}
+
+
+def cache_repo(cache: Path, repo_id: str, files: dict[str, bytes], commit: str, refs=("main",)) -> Path:
+    """Put ``files`` into the Hugging Face cache ``cache`` as the snapshot ``commit`` of ``repo_id``, as
+    huggingface_hub lays it out: content-addressed blobs, the snapshot's files as relative symlinks to
+    them, and one file per ref holding the commit hash (no newline)."""
+    storage = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = storage / "snapshots" / commit
+    for name, data in files.items():
+        blob = storage / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    for ref in refs:
+        (storage / "refs").mkdir(parents=True, exist_ok=True)
+        (storage / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+def folder_files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file()}
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An offline Hub with an empty cache in tmp_path (constants are read at import: patched too)."""
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def trained(seed: int, num_tokens: int = 2):
+    model = aligner.patch(tiny_model(), num_tokens=num_tokens, start_layer=1)
+    return randomize_aligner(model, seed=seed)
+
+
+def same_aligner(a, b) -> bool:
+    pa, pb = aligner.aligner_parameters(a), aligner.aligner_parameters(b)
+    return pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+@pytest.fixture
+def published(hub_cache, tmp_path):
+    """Two Aligners of REPO: one at main, one at tag v1 (another commit)."""
+    models = {}
+    for seed, (ref, commit) in enumerate(COMMITS.items(), start=1):
+        models[ref] = trained(seed)
+        saved = aligner.save(models[ref], tmp_path / f"saved-{ref}")
+        cache_repo(hub_cache, REPO, folder_files(saved), commit, refs=(ref,))
+    return models
+
+
+# --------------------------------------------------------------------------------------------
+# Loading by repo id
+
+
+def test_load_by_repo_id_and_revision(published):
+    assert same_aligner(aligner.load(tiny_model(), REPO), published["main"])
+    assert same_aligner(aligner.load(tiny_model(), REPO, revision="main"), published["main"])
+    assert same_aligner(aligner.load(tiny_model(), REPO, revision="v1"), published["v1"])
+    assert same_aligner(aligner.load(tiny_model(), REPO, revision=COMMITS["v1"]), published["v1"])
+    assert not same_aligner(published["main"], published["v1"])
+
+
+def test_a_local_path_wins_and_a_path_object_stays_local(published, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert same_aligner(aligner.load(tiny_model(), REPO), published["main"])  # no ./user/my-aligner yet
+    local = trained(seed=7)
+    aligner.save(local, tmp_path / REPO)
+    assert same_aligner(aligner.load(tiny_model(), REPO), local)
+    with pytest.raises(ValueError, match="local path; revision='v1' applies to Hub repo ids only"):
+        aligner.load(tiny_model(), REPO, revision="v1")
+    with pytest.raises(FileNotFoundError, match="no Aligner directory at user/absent"):
+        aligner.load(tiny_model(), Path("user/absent"))  # a Path never goes to the Hub
+
+
+def test_clear_errors(published, hub_cache, tmp_path):
+    model = tiny_model()
+    for text in ["./nowhere", "nowhere", "a/b/c", "~/x", "bad name/x"]:
+        with pytest.raises(FileNotFoundError, match=f"directory='{text}': no such local directory, and not"):
+            aligner.load(model, text)
+    with pytest.raises(FileNotFoundError, match="user/absent is not in the local Hugging Face cache"):
+        aligner.load(model, "user/absent")
+    with pytest.raises(FileNotFoundError, match="at revision 'v9' is not in the local Hugging Face cache"):
+        aligner.load(model, REPO, revision="v9")
+    cache_repo(hub_cache, "user/a-model", {"config.json": b"{}"}, "c" * 40)  # a repo, but not an Aligner
+    with pytest.raises(FileNotFoundError, match="user/a-model holds no aligner_config.json"):
+        aligner.load(model, "user/a-model")
+    assert not hasattr(model, "aligner_state")  # nothing was patched by the failed loads
+    other = aligner.save(aligner.patch(tiny_model(num_hidden_layers=4), num_tokens=1), tmp_path / "other")
+    cache_repo(hub_cache, "user/other-base", folder_files(other), "d" * 40)
+    with pytest.raises(ValueError, match="num_hidden_layers"):  # the usual checks apply to Hub Aligners
+        aligner.load(model, "user/other-base")
+
+
+def response(status: int) -> Mock:
+    return Mock(headers={}, status_code=status)
+
+
+@pytest.mark.parametrize(
+    "error, kind, message",
+    [
+        (errors.RepositoryNotFoundError("", response=response(404)), FileNotFoundError, "Hub has no repo"),
+        (errors.GatedRepoError("", response=response(403)), PermissionError, "is gated"),
+        (errors.RevisionNotFoundError("", response=response(404)), FileNotFoundError, "has no revision 'v2'"),
+        (errors.HfHubHTTPError("", response=response(500)), OSError, "fetching user/x at revision 'v2' from"),
+    ],
+    ids=["no-repo", "gated", "no-revision", "server-error"],
+)
+def test_online_hub_errors_name_the_argument(monkeypatch, hub_cache, error, kind, message):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    with pytest.raises(kind, match=message) as raised:
+        aligner.load(tiny_model(), "user/x", revision="v2")
+    assert "directory='user/x' is not a local path" in str(raised.value)
+    assert raised.value.__cause__ is error
+
+
+def test_repo_ids():
+    assert is_repo_id("user/my-aligner") and is_repo_id("Org_1/name.v2")
+    for text in ["gpt2", "a/b/c", "./x", "/abs/x", "user/", "user//x", "us er/x", "user/x--y", ""]:
+        assert not is_repo_id(text), text
+
+
+# --------------------------------------------------------------------------------------------
+# Banks
+
+
+@pytest.fixture
+def bank_repo(hub_cache, tmp_path):
+    model = aligner.patch(tiny_model(), num_tokens=1, start_layer=1)
+    paths = [aligner.save(randomize_aligner(model, seed=s), tmp_path / f"a{s}") for s in (1, 2, 3)]
+    banks = {
+        "main": AlignerBank.from_aligners(paths[:2], names=["json", "caps"]),
+        "v1": AlignerBank.from_aligners(paths, names=["json", "caps", "answer"]),
+    }
+    for ref, bank in banks.items():
+        bank.save(tmp_path / ref / BANK_FILENAME)
+        bank.save(tmp_path / ref / "sub" / "other.safetensors")
+        files = {BANK_FILENAME: (tmp_path / ref / BANK_FILENAME).read_bytes()}
+        files["sub/other.safetensors"] = (tmp_path / ref / "sub" / "other.safetensors").read_bytes()
+        cache_repo(hub_cache, "user/banks", files, COMMITS[ref], refs=(ref,))
+    return banks
+
+
+def same_bank(a, b) -> bool:
+    return a.names == b.names and torch.equal(a.tokens, b.tokens) and torch.equal(a.gates, b.gates)
+
+
+def test_bank_load_by_repo_id(bank_repo, tmp_path, monkeypatch):
+    assert same_bank(AlignerBank.load("user/banks"), bank_repo["main"])
+    assert same_bank(AlignerBank.load("user/banks", revision="v1"), bank_repo["v1"])
+    by_commit = AlignerBank.load("user/banks/sub/other.safetensors", revision=COMMITS["v1"])
+    assert same_bank(by_commit, bank_repo["v1"])
+    with pytest.raises(FileNotFoundError, match="user/banks is not in the local Hugging Face cache"):
+        AlignerBank.load("user/banks/missing.safetensors")  # offline, so absent looks like not cached
+    with pytest.raises(FileNotFoundError, match="path='nowhere.safetensors': no such local file, and not a"):
+        AlignerBank.load("nowhere.safetensors")
+    with pytest.raises(FileNotFoundError, match="no bank file at user/banks"):
+        AlignerBank.load(Path("user/banks"))
+    monkeypatch.chdir(tmp_path)
+    bank_repo["v1"].save(tmp_path / "user" / "banks")  # a local file of that name wins
+    assert same_bank(AlignerBank.load("user/banks"), bank_repo["v1"])
+
+
+def test_bank_file_missing_in_an_online_repo(monkeypatch, hub_cache):
+    def fail(*args, **kwargs):
+        raise errors.RemoteEntryNotFoundError("404", response=response(404))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
+    with pytest.raises(FileNotFoundError, match="user/banks has no file bank.safetensors"):
+        AlignerBank.load("user/banks")
+
+
+def test_cli_generate_with_a_bank_from_the_hub(bank_repo, tmp_path, capsys):
+    from aligner.cli import main
+
+    base = save_tiny_model(tmp_path / "base", num_hidden_layers=3, hidden_size=64, intermediate_size=96)
+    argv = ["generate", str(base), "--bank", "user/banks", "--aligner", "caps", "--prompt", "the cat"]
+    assert main([*argv, "--max-new-tokens", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["aligner"] == "caps"
+
+
+def test_cli_generate_with_an_aligner_from_the_hub(published, tmp_path, capsys):
+    from aligner.cli import main
+
+    base = save_tiny_model(tmp_path / "base", num_hidden_layers=3, hidden_size=64, intermediate_size=96)
+    argv = ["generate", str(base), "--aligner", REPO, "--prompt", "the cat", "--max-new-tokens", "2"]
+    assert main(argv) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Publishing
+
+
+class FakeHfApi:
+    """Records create_repo and writes what upload_folder uploads into ``remote/<repo_id>``."""
+
+    calls: list = []
+    remote: Path
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, **kwargs):
+        FakeHfApi.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        FakeHfApi.calls.append(("upload_folder", repo_id, kwargs))
+        shutil.copytree(folder_path, FakeHfApi.remote / repo_id, dirs_exist_ok=True)
+        return f"commit of {repo_id}"
+
+
+@pytest.fixture
+def fake_api(monkeypatch, tmp_path, hub_cache):  # offline too: nothing may reach the real Hub
+    FakeHfApi.calls = []
+    FakeHfApi.remote = tmp_path / "remote"
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    return FakeHfApi
+
+
+def test_push_to_hub_uploads_the_aligner_and_a_card(fake_api, hub_cache):
+    model = trained(seed=3)
+    model.config._name_or_path = "org/tiny-llama"  # as if loaded from the Hub
+    result = aligner.push_to_hub(model, REPO, private=True, token="hf_x", commit_message="first")
+    assert result == f"commit of {REPO}"
+    (_, _, create), (_, _, upload) = fake_api.calls
+    assert create == {"private": True, "exist_ok": True, "repo_type": "model"}
+    assert upload["commit_message"] == "first" and upload["create_pr"] is False
+    uploaded = fake_api.remote / REPO
+    assert sorted(p.name for p in uploaded.iterdir()) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]
+
+    card = huggingface_hub.ModelCard((uploaded / "README.md").read_text())
+    assert card.data.library_name == "aligner-kernels"
+    assert card.data.base_model == "org/tiny-llama"
+    assert "aligner" in card.data.tags and card.data.pipeline_tag == "text-generation"
+    text = card.text
+    assert 'from_pretrained("org/tiny-llama")' in text and f'aligner.load(model, "{REPO}")' in text
+    rows = ["| model_type | llama |", "| num_hidden_layers | 3 |", "| num_tokens | 2 |", "| start_layer | 1 "]
+    assert all(row in text for row in rows)
+    assert "in layers 1-2" in text and "2 learnable token(s)" in text
+
+    # What was uploaded, served from the cache, loads back by repo id.
+    cache_repo(hub_cache, REPO, folder_files(uploaded), "e" * 40)
+    assert same_aligner(aligner.load(tiny_model(), REPO), model)
+
+
+def test_push_to_hub_card_options(fake_api, tmp_path):
+    model = trained(seed=4)
+    model.config._name_or_path = str(tmp_path)  # a local base: no base_model metadata, a placeholder
+    aligner.push_to_hub(model, "user/a")
+    card = huggingface_hub.ModelCard((fake_api.remote / "user/a/README.md").read_text())
+    assert card.data.base_model is None
+    assert 'from_pretrained("BASE_MODEL")' in card.text and f"(`{tmp_path}`)" in card.text
+    aligner.push_to_hub(model, "user/b", base_model="org/named-base", revision="dev", create_pr=True)
+    card = huggingface_hub.ModelCard((fake_api.remote / "user/b/README.md").read_text())
+    assert card.data.base_model == "org/named-base"
+    assert fake_api.calls[-1][2]["revision"] == "dev" and fake_api.calls[-1][2]["create_pr"] is True
+    aligner.push_to_hub(model, "user/c", card="# mine\n")
+    assert (fake_api.remote / "user/c/README.md").read_text() == "# mine\n"
+    aligner.push_to_hub(model, "user/d", card=False)
+    assert not (fake_api.remote / "user/d/README.md").exists()
+    calls = len(fake_api.calls)
+    with pytest.raises(ValueError, match="repo_id='my-aligner' is not a Hugging Face Hub repo id"):
+        aligner.push_to_hub(model, "my-aligner")
+    with pytest.raises(ValueError, match="carries no Aligner"):
+        aligner.push_to_hub(tiny_model(), "user/e")
+    assert len(fake_api.calls) == calls  # nothing was sent
+
+
+def test_model_card_tags_from_trl(tmp_path):
+    model = trained(seed=5)
+    model.add_model_tags(["trl", "dpo"])  # what TRL's trainers do
+    config = json.loads((aligner.save(model, tmp_path) / CONFIG_NAME).read_text())
+    card = huggingface_hub.ModelCard(model_card(config, REPO, tags=model.model_tags))
+    assert card.data.tags == ["aligner", "dpo", "trl"]
+    assert card.data.library_name == "aligner-kernels"
