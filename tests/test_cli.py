@@ -457,7 +457,10 @@ def test_checks_before_the_model_loads(model_dir, trained, tmp_path, capsys, no_
         ([*train, "--init-aligner", tmp_path / "nowhere"], "--init-aligner"),
         ([*train, "--init-aligner", other], f"was made for {other_dir} (llama hidden_size=48"),
         (["generate", model_dir, "--aligner", other, "--prompt", "hi"], f"was made for {other_dir}"),
-        (["generate", model_dir, "--aligner", tmp_path / "nowhere", "--prompt", "hi"], "no such local directory"),
+        (
+            ["generate", model_dir, "--aligner", tmp_path / "nowhere", "--prompt", "hi"],
+            "no such local directory",
+        ),
         (
             ["generate", model_dir, "--aligner", tmp_path / "not-an-aligner", "--prompt", "hi"],
             "no Aligner config",
