@@ -1,23 +1,39 @@
 """Aligner: one shared set of learnable tokens steering every layer of an LLM through a gated,
 fused flash-attention prefix."""
 
-from .attention import aligner_attention
-from .bank import AlignerBank, attach_bank, detach_bank
-from .disabled_model import DisabledModel, disabled_model
-from .hub import push_to_hub
-from .modules import AlignerFlashAttention, AlignerPrefix, project_prefix
-from .patch import (
-    aligner_parameters,
-    disabled,
-    merge,
-    patch,
-    print_trainable_parameters,
-    trainable_parameters,
-    unmerge,
-    unpatch,
-)
-from .reference import aligner_attention_reference
-from .serialization import aligner_parameter_count, convert_official, load, read_config, save
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Public name -> the submodule that defines it, imported on first use (PEP 562), so that
+# ``import aligner`` and ``aligner --help`` do not pay for torch, transformers or the training stack.
+_EXPORTS = {
+    "AlignerBank": "bank",
+    "AlignerFlashAttention": "modules",
+    "AlignerPrefix": "modules",
+    "DisabledModel": "reference_model",
+    "aligner_attention": "attention",
+    "aligner_attention_reference": "reference",
+    "aligner_parameter_count": "serialization",
+    "aligner_parameters": "hf_patch",
+    "attach_bank": "bank",
+    "convert_official": "serialization",
+    "detach_bank": "bank",
+    "disabled": "hf_patch",
+    "disabled_model": "reference_model",
+    "load": "serialization",
+    "merge": "hf_patch",
+    "patch": "hf_patch",
+    "print_trainable_parameters": "hf_patch",
+    "project_prefix": "modules",
+    "push_to_hub": "hub",
+    "read_config": "serialization",
+    "save": "serialization",
+    "trainable_parameters": "hf_patch",
+    "unmerge": "hf_patch",
+    "unpatch": "hf_patch",
+}
 
 __all__ = [
     "AlignerBank",
@@ -45,3 +61,21 @@ __all__ = [
     "unmerge",
     "unpatch",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    else:
+        try:  # a submodule, e.g. aligner.reference
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

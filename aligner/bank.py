@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .files import replacing
-from .patch import get_state, patch
+from .hf_patch import get_state, patch
 from .serialization import (
     FINGERPRINT_KEYS,
     FORMAT_NAME,

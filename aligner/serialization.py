@@ -6,7 +6,7 @@ A saved Aligner is a directory with two files:
   trained on (model type, hidden size, heads, KV heads, layers, head dim), ``num_tokens``,
   ``start_layer``, the parameter count and the SHA-256 of the weights file;
 - ``aligner_model.safetensors``: the Aligner parameters only, fp32, under the names of
-  :func:`aligner.patch.aligner_parameters` (``prefix`` (N, hidden) and ``gate.{layer}`` (H,)).
+  :func:`aligner.hf_patch.aligner_parameters` (``prefix`` (N, hidden) and ``gate.{layer}`` (H,)).
 
 Files are written atomically (a temporary file in the same directory, then ``os.replace``;
 weights first, config last), and loading never unpickles: weights go through
@@ -34,9 +34,9 @@ from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 
 from .files import sync_directory, write_temporary
+from .hf_patch import aligner_parameters, attention_layers, get_state, merge, patch, unpatch
 from .options import OptionError
 from .outputs import OutputDir
-from .patch import aligner_parameters, attention_layers, get_state, merge, patch, unpatch
 
 CONFIG_NAME = "aligner_config.json"
 WEIGHTS_NAME = "aligner_model.safetensors"
@@ -413,7 +413,7 @@ def load(model, directory: str | os.PathLike, *, backend: str | None = None, rev
     before the model is touched: a failing load leaves an unpatched model unpatched. An already
     patched model must carry an Aligner of the same ``num_tokens`` and ``start_layer`` and not
     be merged; its parameters are overwritten in place. ``backend`` goes to
-    :func:`aligner.patch.patch`. Aligner parameters on the meta device are refused (copying into
+    :func:`aligner.hf_patch.patch`. Aligner parameters on the meta device are refused (copying into
     them would silently do nothing).
     """
     from .hub import resolve_aligner  # aligner.hub imports this module

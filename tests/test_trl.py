@@ -11,7 +11,7 @@ from tiny_models import randomize_aligner, save_tiny_model
 from torch import nn
 
 import aligner
-from aligner.patch import get_state
+from aligner.hf_patch import get_state
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")

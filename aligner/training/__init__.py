@@ -2,19 +2,38 @@
 ``transformers.Trainer`` (DDP under ``torchrun`` / ``accelerate launch``), SFT, DPO and
 system-prompt (context) distillation. Needs the ``train`` extra: ``pip install -e ".[train]"``."""
 
-from .config import TrainConfig
-from .data import DataError, preference_examples, prompt_examples, sft_examples
-from .distill import AlignerDistillTrainer, distill_examples, distill_kl, train_distill
-from .models import ModelLoadError, generate, load_model
-from .run import (
-    TrainingInterrupted,
-    attach_aligner,
-    train_dpo_file,
-    train_sft,
-    train_sft_file,
-    write_jsonl,
-)
-from .trainer import AlignerDPOTrainer, AlignerTrainer, MetricsCallback, plot_losses, sequence_logprobs
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Public name -> the submodule that defines it, imported on first use (PEP 562), so that
+# ``import aligner`` and ``aligner --help`` do not pay for torch, transformers or the training stack.
+_EXPORTS = {
+    "AlignerDPOTrainer": "trainer",
+    "AlignerDistillTrainer": "distill",
+    "AlignerTrainer": "trainer",
+    "DataError": "data",
+    "MetricsCallback": "trainer",
+    "ModelLoadError": "models",
+    "TrainConfig": "config",
+    "TrainingInterrupted": "run",
+    "attach_aligner": "run",
+    "distill_examples": "distill",
+    "distill_kl": "distill",
+    "generate": "models",
+    "load_model": "models",
+    "plot_losses": "trainer",
+    "preference_examples": "data",
+    "prompt_examples": "data",
+    "sequence_logprobs": "trainer",
+    "sft_examples": "data",
+    "train_distill": "distill",
+    "train_dpo_file": "run",
+    "train_sft": "run",
+    "train_sft_file": "run",
+    "write_jsonl": "run",
+}
 
 __all__ = [
     "AlignerDPOTrainer",
@@ -41,3 +60,21 @@ __all__ = [
     "train_sft_file",
     "write_jsonl",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    else:
+        try:  # a submodule, e.g. aligner.reference
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

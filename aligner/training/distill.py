@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..patch import disabled
+from ..hf_patch import disabled
 from .data import Messages, end_of_answer, format_prompt, pad_batch
 from .models import generate
 from .run import TrainConfig, train_rows, train_sft

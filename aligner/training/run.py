@@ -13,9 +13,9 @@ import torch
 from transformers import TrainingArguments
 
 from ..files import append_line, write_atomic
+from ..hf_patch import patch, trainable_parameters
 from ..options import OptionError
 from ..outputs import OutputDir, read_manifest
-from ..patch import patch, trainable_parameters
 from ..serialization import CONFIG_NAME, WEIGHTS_NAME, base_fingerprint, load, save
 from .config import TrainConfig
 from .data import (

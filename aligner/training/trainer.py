@@ -36,8 +36,8 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..files import append_line, write_atomic
+from ..hf_patch import disabled
 from ..outputs import OutputDir
-from ..patch import disabled
 from ..serialization import is_sharded, load, save
 
 METRICS_NAME = "metrics.jsonl"

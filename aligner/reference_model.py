@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from .patch import disabled, get_state
+from .hf_patch import disabled, get_state
 
 
 @contextlib.contextmanager
