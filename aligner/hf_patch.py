@@ -454,8 +454,8 @@ def merge(model: PreTrainedModel) -> PreTrainedModel:
     """Fold a 1-token Aligner into the o_proj biases: zero inference overhead.
 
     With N = 1 the prefix attention is the constant gate_h * PV_g (DESIGN.md "N = 1"), so after
-    o_proj each layer adds the constant c = W_o concat_h(gate_h PV_g). The model then runs its
-    original attention implementation again (sdpa, flash-attn...), plus those biases. The
+    o_proj each layer adds the constant c = W_o concat_h(gate_h PV_g). Each layer then runs its
+    main attention alone (sdpa, flash-attn...: the prefix term is skipped), plus those biases. The
     original biases are kept so that ``unmerge`` restores them bit for bit.
     """
     state = get_state(model)

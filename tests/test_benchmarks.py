@@ -1,7 +1,7 @@
 """The benchmark scripts at CPU size through pytest-benchmark, so that they run in CI and cannot rot.
 
-No timing assertions: these check that every method runs and that the rows carry what the README
-tables are built from. Real measurements come from the scripts themselves (README, Results).
+No timing assertions: these check that every method runs and that the rows carry what the result
+tables are built from. Real measurements come from the scripts themselves (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -69,25 +69,35 @@ def test_decode_rows(benchmark, tmp_path):
     assert all(row["vs_base_cpu_time"] > 0 for row in rows)
 
 
-def test_report_rewrites_only_the_results_section(tmp_path):
+def test_report_rewrites_only_the_generated_section(tmp_path):
     results = tmp_path / "results"
     write_results("training-test", [{"model": "tiny", "method": "floor", "step_s": 0.5}], results)
     write_results(
         "attention-test", [{"method": "aligner", "seqlen": 32, "num_tokens": 1, "tflops": 0.01}], results
     )
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# head\n{report.START}\nold table\n{report.END}\ntail\n", encoding="utf-8")
-    report.update_readme(readme, results)
-    text = readme.read_text(encoding="utf-8")
-    assert text.startswith(f"# head\n{report.START}") and text.endswith(f"{report.END}\ntail\n")
+    document = tmp_path / "RESULTS.md"
+    document.write_text(f"# history\n{report.START}\nold table\n{report.END}\ntail\n", encoding="utf-8")
+    report.update_results(document, results)
+    text = document.read_text(encoding="utf-8")
+    assert text.startswith(f"# history\n{report.START}") and text.endswith(f"{report.END}\ntail\n")
     assert "old table" not in text and "| tiny | floor | 0.5 |" in text
-    assert "![Attention kernels (forward+backward)](benchmarks/results/attention-test.png)" in text
+    # the plot is linked relative to the document (benchmarks/RESULTS.md -> results/NAME.png)
+    assert "![Attention kernels (forward+backward)](results/attention-test.png)" in text
     assert (results / "attention-test.png").read_bytes().startswith(b"\x89PNG")
-    # written through aligner.files: no temporary file is left beside the README or the plot
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "results"]
+    # written through aligner.files: no temporary file is left beside the document or the plot
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["RESULTS.md", "results"]
     assert not [p.name for p in results.iterdir() if p.name.startswith(".")]
 
-    readme.write_text("no markers\n", encoding="utf-8")
+    document.write_text("no markers\n", encoding="utf-8")
     with pytest.raises(ValueError, match="has no <!-- results:start -->"):
-        report.update_readme(readme, results)
-    assert readme.read_text(encoding="utf-8") == "no markers\n"
+        report.update_results(document, results)
+    assert document.read_text(encoding="utf-8") == "no markers\n"
+
+
+def test_report_targets_benchmarks_results_md():
+    """The generated tables live in benchmarks/RESULTS.md, whose markers are there; the README has none."""
+    root = Path(__file__).parents[1]
+    assert report.RESULTS_MD == root / "benchmarks" / "RESULTS.md"
+    text = report.RESULTS_MD.read_text(encoding="utf-8")
+    assert text.count(report.START) == 1 and text.count(report.END) == 1
+    assert report.START not in (root / "README.md").read_text(encoding="utf-8")
