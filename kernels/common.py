@@ -3,7 +3,8 @@ fused-attention tutorial's ``_attn_fwd_inner``): the query-block prologue, the v
 the causal key ranges, and the tile loops of the main and the prefix attention that both the
 fused forward (forward.py) and the split-KV decode (decode.py) run; plus the constants and the
 launcher helper that forward.py, backward.py and decode.py have in common. Helpers used by one
-kernel module only stay in that module (backward.py's prefix-chunk and dQ/dK/dV tile loops).
+kernel module only stay in that module (backward.py's dQ/dK/dV tile loops); those of the prefix's
+gradients, which the fused and the split backward share, are in prefix_grad.py.
 """
 
 from __future__ import annotations

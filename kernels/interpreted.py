@@ -12,7 +12,11 @@ One more thing stands in the way when ``triton`` itself was imported without the
 ``tl.cdiv``, ...) are ``@triton.jit`` functions decorated at that import, and the interpreter
 cannot call those ("Cannot call @triton.jit'd outside of the scope of a kernel"). The copy
 therefore sees ``tl`` through :class:`InterpretedLanguage`, which hands out interpreted twins of
-them.
+them. When the user set TRITON_INTERPRET=1 before Triton was imported, those library functions are
+interpreted already, but the interpreter runs its rewrite of a function in the globals of the
+module that defined it (``triton.language.standard``), after copying its own names
+(``interpreter_semantic``, ...) into them; the copy gets twins of them as well, so that in either
+mode the interpreter writes into the twins' private globals, never into triton.language.
 
 While an interpreted kernel runs, the interpreter replaces triton.language's builtins by its
 own; for calls of jitted library functions (the twins) it does not put them back (seen with
@@ -33,10 +37,12 @@ import types
 
 import triton.language as tl
 from triton import knobs
+from triton.runtime import interpreter
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 _LOCK = threading.Lock()
+_MISSING = object()
 # The modules whose attributes the interpreter patches while a kernel runs.
 _LANGUAGE_MODULES = (tl, tl.core, tl.math, tl.standard)
 
@@ -49,7 +55,7 @@ _RUN_LOCK = threading.Lock()
 @contextlib.contextmanager
 def language_restored():
     """Run an interpreted launch; put every attribute of triton.language's modules back as it
-    was on entry."""
+    was on entry, except the interpreter's own names (:func:`_rewriter_global`)."""
     with _RUN_LOCK:
         saved = [(module, dict(vars(module))) for module in _LANGUAGE_MODULES]
         try:
@@ -57,16 +63,31 @@ def language_restored():
         finally:
             for module, attributes in saved:
                 current = vars(module)
-                for name in [name for name in current if name not in attributes]:
-                    delattr(module, name)
+                added = [name for name in current if name not in attributes]
+                for name in added:
+                    if not _rewriter_global(name, current[name]):
+                        delattr(module, name)
                 for name, value in attributes.items():
                     if current.get(name) is not value:
                         setattr(module, name, value)
 
 
+def _rewriter_global(name: str, value: object) -> bool:
+    """Whether ``name = value``, found in a triton.language module after an interpreted launch, is
+    one of the names the interpreter put there to run a function defined in that module: to call
+    an interpreted function it execs its rewrite of the function in the function's own globals,
+    after copying its module's globals (``interpreter_semantic``, ...) into them, and caches the
+    rewrite for the process. That happens to Triton's library functions themselves (``tl.sum``,
+    defined in triton.language.standard) in kernel modules decorated while the user's
+    TRITON_INTERPRET=1 was set (the copy calls twins instead); deleting those names would leave
+    the cached rewrite to fail on its next call with ``NameError: interpreter_semantic``."""
+    return vars(interpreter).get(name, _MISSING) is value
+
+
 class InterpretedLanguage(types.ModuleType):
     """``triton.language`` as the interpreted copy sees it: every attribute is the real one,
-    except Triton's own jitted library functions, which come as interpreted twins."""
+    except Triton's own jitted library functions (compiled ones, or interpreted ones when the user
+    set TRITON_INTERPRET=1), which come as interpreted twins with globals of their own."""
 
     def __init__(self) -> None:
         super().__init__(tl.__name__, tl.__doc__)
@@ -74,7 +95,7 @@ class InterpretedLanguage(types.ModuleType):
 
     def __getattr__(self, name: str):
         value = getattr(tl, name)
-        if not isinstance(value, JITFunction):
+        if not isinstance(value, (JITFunction, InterpretedFunction)):
             return value
         twin = self._twins.get(name)
         if twin is None:

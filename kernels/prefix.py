@@ -9,8 +9,11 @@ flash-attn).
    the LSE), the per-block dgate partials, and the prefix part of dq, s * sum_n dT_n PK_n (none for
    N = 1).
 3. dPK / dPV: the fused backward's own deterministic reduction kernel
-   (``backward.aligner_attention_bwd_prefix_kernel``) over the same q, dO, LSE and delta_pre, then
-   a fixed-order sum of its partials: no float atomics anywhere, the same bits run to run.
+   (``prefix_grad.aligner_attention_bwd_prefix_kernel``) over the same q, dO, LSE and delta_pre,
+   then a fixed-order sum of its partials: no float atomics anywhere, the same bits run to run.
+
+The delta_pre loop, the prefix part of dq and the store of delta_pre and the dgate partials are
+the fused backward's own jit helpers too (prefix_grad.py).
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .backward import prefix_chunk, prefix_dq, prefix_token_gradients
 from .common import INTERPRETING, LOG2E, ONE_TOKEN, prefix_attention, query_block
 from .configs import (
     SMALLEST_BLOCK_M,
@@ -32,6 +34,7 @@ from .configs import (
     interpreter_scope,
     prefix_variant,
 )
+from .prefix_grad import one_token_delta, prefix_delta, prefix_dq, prefix_token_gradients, store_prefix_delta
 
 
 @triton.jit
@@ -87,21 +90,16 @@ def aligner_prefix_bwd_dq_kernel(
     do = tl.load(do_ptrs, mask=mask, other=0.0)
     pv_ptrs = PV + b * stride_pvb + kv_head * stride_pvh + offs_d[None, :]
     if PREFIX == ONE_TOKEN:  # delta_pre = dO . PV; dT = 0, so dq gets nothing
-        pv = tl.load(pv_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        delta_prefix = tl.sum(do.to(tl.float32) * pv.to(tl.float32), 1)
+        delta_prefix = one_token_delta(do, pv_ptrs, offs_d, HEAD_DIM)
     else:
         gate = tl.load(Gate + b * stride_gb + head)
         q = tl.load(Q + rows[:, None] * stride_qm + head * stride_qh + offs_d[None, :], mask=mask, other=0.0)
         lse_prefix = tl.load(LsePrefix + row_offset, mask=row_mask, other=float("inf"))
         pk_ptrs = PK + b * stride_pkb + kv_head * stride_pkh + offs_d[None, :]
-        # delta_pre = dO . O_pre = sum_n A_n (dO . PV_n), needed whole before any dT.
-        delta_prefix = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for start_p in range(0, num_prefix, BLOCK_P):
-            chunk_pk, a, dp = prefix_chunk(
-                q, do, pk_ptrs, pv_ptrs, stride_pkn, stride_pvn, start_p, offs_d, num_prefix, lse_prefix,
-                qk_scale, HEAD_DIM, BLOCK_P, DOT_PRECISION,
-            )  # fmt: skip
-            delta_prefix += tl.sum(a * dp, 1)
+        delta_prefix = prefix_delta(
+            q, do, pk_ptrs, pv_ptrs, stride_pkn, stride_pvn, offs_d, num_prefix, lse_prefix, qk_scale,
+            HEAD_DIM, BLOCK_M, BLOCK_P, DOT_PRECISION,
+        )  # fmt: skip
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         dq = prefix_dq(
             dq, q, do, pk_ptrs, pv_ptrs, stride_pkn, stride_pvn, offs_d, num_prefix, lse_prefix,
@@ -109,9 +107,10 @@ def aligner_prefix_bwd_dq_kernel(
         )  # fmt: skip
         dq_ptrs = DQ + rows[:, None] * stride_dqm + head * stride_dqh + offs_d[None, :]
         tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
-    tl.store(DeltaPrefix + row_offset, delta_prefix, mask=row_mask)
-    # This block's share of dgate[b, head]; the launcher sums the blocks in a fixed order.
-    tl.store(DGatePartial + b * stride_dgb + head * stride_dgh + start_m, tl.sum(delta_prefix, 0))
+    store_prefix_delta(
+        DeltaPrefix, DGatePartial, delta_prefix, row_offset, row_mask, b, head, start_m,
+        stride_dgb, stride_dgh,
+    )  # fmt: skip
 
 
 def _launch_options(head_dim: int) -> dict:

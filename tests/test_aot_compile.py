@@ -69,14 +69,14 @@ SUBPROCESS_TIMEOUT_S = {"cover": 1200, "full": 3600}
 
 
 def kernel_functions() -> dict:
-    from aligner_kernels import backward, decode, forward
+    from aligner_kernels import backward, decode, forward, prefix_grad
 
     return {
         "fwd": forward.aligner_attention_fwd_kernel,
         "bwd_delta": backward.aligner_attention_bwd_delta_kernel,
         "bwd_dq": backward.aligner_attention_bwd_dq_kernel,
         "bwd_dkdv": backward.aligner_attention_bwd_dkdv_kernel,
-        "bwd_prefix": backward.aligner_attention_bwd_prefix_kernel,
+        "bwd_prefix": prefix_grad.aligner_attention_bwd_prefix_kernel,  # shared with the split backward
         "decode_split": decode.aligner_attention_decode_split_kernel,
         "decode_combine": decode.aligner_attention_decode_combine_kernel,
     }

@@ -3,7 +3,9 @@
 ``backend="fused"`` on CPU tensors runs an interpreted copy of the kernel modules
 (kernels/interpreted.py); it must leave the process as it found it: no TRITON_INTERPRET, no
 Triton knob changed, no Triton module modified, and a kernel that someone else decorates
-afterwards is compiled as usual.
+afterwards is compiled as usual. The same holds when the user set TRITON_INTERPRET=1 for the
+whole process (`make test` runs the kernel tests that way too), where in addition the kernel
+modules themselves are interpreted and must run as well.
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ import os
 
 import pytest
 import torch
+
+# torch imports torch._dynamo on the first call of a torch.library custom op (the fused op), and that
+# import sets TORCHINDUCTOR_CACHE_DIR in os.environ: torch's doing, not the library's, so it comes
+# before the tests take the process's state.
+import torch._dynamo  # noqa: F401
 import triton
 import triton.language as tl
 from attention_cases import make_inputs
@@ -50,29 +57,54 @@ def _global_state() -> dict:
 
 
 def _run_every_cpu_kernel():
-    """Fused forward and backward, and the split-KV decode forward, on CPU tensors."""
+    """Fused and split forward and backward, and the split-KV decode forward, on CPU tensors;
+    each against the reference."""
     inputs, _ = _cpu_inputs()
-    out = aligner_attention(*inputs, backend="fused")
-    torch.autograd.grad(out, inputs, torch.ones_like(out))
+    ref = aligner_attention_reference(*inputs)
+    ref_grads = torch.autograd.grad(ref, inputs, torch.ones_like(ref))
+    for backend in ("fused", "split"):
+        out = aligner_attention(*inputs, backend=backend)
+        grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
+        torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
+        for got, want in zip(grads, ref_grads):
+            torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
     with torch.no_grad():
         q, k, v, *prefix = inputs
-        aligner_attention(q[:, -1:], k, v, *prefix, backend="fused")
+        step = aligner_attention(q[:, -1:], k, v, *prefix, backend="fused")
+        torch.testing.assert_close(step, ref[:, -1:], atol=2e-4, rtol=2e-4)
 
 
-@user_interprets
 def test_cpu_fused_call_leaves_the_process_unchanged():
+    """Also with the user's TRITON_INTERPRET=1 (Triton's own library functions are then
+    interpreted functions, defined in triton.language.standard): twice, since a second launch
+    fails when the first left the interpreter's state broken."""
     before = _global_state()
+    _run_every_cpu_kernel()
     _run_every_cpu_kernel()
     after = _global_state()
     for name in before:
-        assert after[name] == before[name], f"{name} changed by a CPU backend='fused' call"
+        assert after[name] == before[name], f"{name} changed by the CPU kernel calls"
 
     @triton.jit
     def unrelated_kernel(X):
         tl.store(X, tl.sum(tl.zeros([16], dtype=tl.float32), 0))
 
-    assert type(unrelated_kernel) is JITFunction  # compiled, not interpreted
-    assert type(tl.sum) is JITFunction and type(tl.zeros) is JITFunction
+    # Compiled, not interpreted, unless the user asked for the interpreter.
+    decorated = InterpretedFunction if knobs.runtime.interpret else JITFunction
+    assert type(unrelated_kernel) is decorated
+    assert type(tl.sum) is decorated and type(tl.zeros) is decorated
+
+
+@pytest.mark.skipif(not knobs.runtime.interpret, reason="needs TRITON_INTERPRET=1 set by the user")
+def test_user_interpret_runs_the_kernel_modules_themselves(monkeypatch):
+    """With the user's TRITON_INTERPRET=1 the kernel modules (aligner_kernels.forward, ...) are
+    interpreted too (what CUDA tensors get then): they run CPU tensors as well, launch after
+    launch, like the copy."""
+    compiled_path = kernels.load(interpreted=False)
+    assert compiled_path.INTERPRETING
+    monkeypatch.setattr(kernels, "load", lambda interpreted: compiled_path)
+    _run_every_cpu_kernel()
+    _run_every_cpu_kernel()
 
 
 @user_interprets

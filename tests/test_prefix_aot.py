@@ -2,9 +2,10 @@
 and sm_90, within the shared-memory limits: their one config per head-dim bucket
 (configs.SPLIT_PREFIX_CONFIGS), for every supported head dim, fp16 (and bf16 at D = 128), with N > 1
 tokens in 64-token chunks (the largest tiles) on both targets and the one-token closed form on
-sm_80. The dPK/dPV reduction they launch is the fused backward's kernel, compiled by
-tests/test_aot_compile.py. Same method as that test (and its argument typing rules): a subprocess
-without TRITON_INTERPRET compiles with ``triton.compile`` for a ``GPUTarget``; no GPU needed.
+sm_80. The dPK/dPV reduction they launch is the one the fused backward launches too
+(kernels/prefix_grad.py), compiled by tests/test_aot_compile.py. Same method as that test (and
+its argument typing rules): a subprocess without TRITON_INTERPRET compiles with
+``triton.compile`` for a ``GPUTarget``; no GPU needed.
 """
 
 from __future__ import annotations
