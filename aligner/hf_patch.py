@@ -143,18 +143,20 @@ def _selected(state: AlignerState, index: Tensor, count: int, device: torch.devi
     return state.memo.get("selected", (index, bank, bank.tokens, bank.gates, device), gather)
 
 
-def _packed_rows(state: AlignerState, query: Tensor, kwargs: dict[str, Any]) -> Tensor | None:
-    """cu_seqlens of a padding-free batch (one row holding several sequences), else None: what
-    per-sequence bank rows need to tell the sequences apart (the main attention reads the same
-    from its mask or its flash kwargs)."""
+def _packed_rows(state: AlignerState, query: Tensor, kwargs: dict[str, Any]) -> tuple[Tensor, int] | None:
+    """cu_seqlens and the longest sequence of a padding-free batch (one row holding several
+    sequences), else None: what per-sequence bank rows need to tell the sequences apart (the main
+    attention reads the same from its mask or its flash kwargs)."""
     if query.shape[0] != 1 or query.shape[2] == 1:
         return None
     if kwargs.get("cu_seq_lens_q") is not None:  # padding-free collators' flash kwargs
-        return kwargs["cu_seq_lens_q"].to(torch.int32)
+        cu_seqlens = kwargs["cu_seq_lens_q"].to(torch.int32)
+        longest = kwargs.get("max_length_q")
+        return cu_seqlens, int(cu_seqlens.diff().max()) if longest is None else int(longest)
     position_ids = kwargs.get("position_ids")
     if not state.memo.get("is_packed", (position_ids,), lambda: is_packed(position_ids)):
         return None
-    return state.memo.get("cu_seqlens", (position_ids,), lambda: packed_sequences(position_ids))[0]
+    return state.memo.get("cu_seqlens", (position_ids,), lambda: packed_sequences(position_ids))
 
 
 def _prefix(module: nn.Module, tokens: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -203,34 +205,36 @@ def aligner_attention_hf(
     main_function = main_attention_function(module, main)
     weights = None
 
-    def main_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """The main attention in the op's layout: (B, L, H, D), or one packed row (total, H, D)."""
+    def call_main(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        """The main attention in transformers' layout, with the mask transformers built for it."""
         nonlocal weights
-        packed = q.dim() == 3
-        if packed:
-            q, k, v = q[None], k[None], v[None]
-        out, weights = main_function(
-            module, *(x.transpose(1, 2) for x in (q, k, v)), attention_mask, **kwargs
-        )
+        out, weights = main_function(module, query, key, value, attention_mask, **kwargs)
         if weights is None and kwargs.get("output_attentions"):
             raise ValueError(
                 f"output_attentions=True needs attention weights, which the {main!r} attention does not "
                 "return: call model.set_attn_implementation('eager') (the Aligner stays). The prefix "
                 "attention's own weights: aligner.reference.prefix_attention_weights"
             )
+        return out
+
+    def main_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """``call_main`` in the op's layout: (B, L, H, D), or one packed row (total, H, D)."""
+        packed = q.dim() == 3
+        if packed:
+            q, k, v = q[None], k[None], v[None]
+        out = call_main(*(x.transpose(1, 2) for x in (q, k, v)))
         return out[0] if packed else out
 
     state: AlignerState | None = getattr(module, "aligner_model_state", None)
-    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     if state is None:
         if aligner_index is not None:
             raise ValueError(
                 "aligner_index needs a model patched with an Aligner and a bank (aligner.attach_bank)"
             )
-        return main_attention(q, k, v), weights
+        return call_main(query, key, value), weights
     aligner: AlignerFlashAttention | None = getattr(module, "aligner", None)
-    cu_seqlens = _packed_rows(state, query, kwargs) if aligner_index is not None else None
-    sequences = query.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    packed = _packed_rows(state, query, kwargs) if aligner_index is not None else None
+    sequences = query.shape[0] if packed is None else packed[0].shape[0] - 1
     tokens = gate = None
     if aligner_index is not None:
         # Checked in every layer, those without an Aligner included (once: memoised).
@@ -239,12 +243,13 @@ def aligner_attention_hf(
     elif aligner is not None:
         tokens, gate = aligner.shared_prefix(), aligner.gate
     if gate is None or not state.active:
-        return main_attention(q, k, v), weights
+        return call_main(query, key, value), weights
 
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     prefix_k, prefix_v = _prefix(module, tokens, q.dtype)
     options = {"softmax_scale": kwargs.get("scaling"), "backend": module.aligner_backend}
-    if cu_seqlens is not None:  # per-sequence rows of one packed row
-        max_len = int(cu_seqlens.diff().max())
+    if packed is not None:  # per-sequence rows of one packed row
+        cu_seqlens, max_len = packed
         out = aligner_attention(
             q[0], k[0], v[0], prefix_k, prefix_v, gate, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
             max_seqlen_q=max_len, max_seqlen_k=max_len, main_attention=main_attention, **options,
