@@ -30,17 +30,14 @@ from .hf_patch import disabled, get_state
 
 @contextlib.contextmanager
 def as_base(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` as its base model inside the block: the Aligner disabled (unless it already is:
-    nesting is harmless) and every module in eval mode; both restored afterwards."""
-    state = get_state(model)
+    """Run ``model`` as its base model inside the block: the Aligner disabled (nesting is harmless:
+    :func:`aligner.disabled` restores the outer state) and every module in eval mode; both restored
+    afterwards."""
     modes = [(module, module.training) for module in model.modules()]
     for module, _ in modes:
         module.training = False
     try:
-        if state.enabled:
-            with disabled(model):
-                yield
-        else:
+        with disabled(model):
             yield
     finally:
         for module, mode in modes:
