@@ -559,6 +559,7 @@ def cmd_distill(args: argparse.Namespace, console: Console) -> None:
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         temperature=args.temperature,
+        seed=config.seed,
         progress=config.progress,
     )
     if not examples:

@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 model, tokenizer, [messages(i, system) for i in instructions],
                 max_new_tokens=args.reply_tokens, batch_size=args.gen_batch_size, desc=f"{split} ({name})",
             )  # fmt: skip
-            loss = target_loss(model, tokenizer, instructions, [targets[i] for i in instructions])
+            # The same context as the replies above: the prompted row's loss has its system prompt.
+            loss = target_loss(model, tokenizer, instructions, [targets[i] for i in instructions], system)
             row[split] = {"compliance": compliance(FORM, replies[split]), "loss": loss}
         return row, replies
 

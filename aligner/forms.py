@@ -469,14 +469,20 @@ def compliance(form: Form, replies: list[str]) -> float:
 
 @torch.no_grad()
 def target_loss(
-    model: Any, tokenizer: Any, instructions: list[str], targets: list[str], **forward: Any
+    model: Any,
+    tokenizer: Any,
+    instructions: list[str],
+    targets: list[str],
+    system: str | None = None,
+    **forward: Any,
 ) -> float:
-    """Mean per-token negative log-likelihood of the targets (completion tokens only); ``forward``
-    goes to the model call (e.g. ``aligner_index``)."""
+    """Mean per-token negative log-likelihood of the targets (completion tokens only), each after
+    its instruction in the chat prompt that generation uses, ``system`` included; ``forward`` goes
+    to the model call (e.g. ``aligner_index``)."""
     from .training.data import format_prompt, pad_batch, tokenize_pair
 
     rows = [
-        tokenize_pair(tokenizer, format_prompt(tokenizer, messages(i)), t, 1024)
+        tokenize_pair(tokenizer, format_prompt(tokenizer, messages(i, system)), t, 1024)
         for i, t in zip(instructions, targets)
     ]
     batch = pad_batch(rows, tokenizer.pad_token_id)

@@ -7,7 +7,14 @@ import json
 
 import pytest
 
-from aligner.forms import CARRY_INSTRUCTIONS, FORMS, HELDOUT_INSTRUCTIONS, TRAIN_INSTRUCTIONS, first_sentence
+from aligner.forms import (
+    CARRY_INSTRUCTIONS,
+    FORMS,
+    HELDOUT_INSTRUCTIONS,
+    TRAIN_INSTRUCTIONS,
+    first_sentence,
+    messages,
+)
 
 ANSWERS = [
     "The capital of Norway is Oslo.",
@@ -78,3 +85,23 @@ def test_demo_toy_size(tmp_path, capsys):
         assert set(row) == {"heldout", "carry"}
     assert metrics["steps"] == 1
     assert read_config(tmp_path / "out" / "aligner")["start_layer"] == 0
+    # Every row is measured in its own configuration: no row's losses repeat another row's.
+    losses = {name: tuple(row.values()) for name, row in metrics["heldout_loss"].items()}
+    assert len(set(losses.values())) == len(losses), losses
+
+
+def test_target_loss_reads_the_system_prompt(tmp_path):
+    """The prompted model's loss is taken with its system prompt in the context, as its replies are
+    generated: the targets' likelihood depends on it (issue 24: it used to be the base model's)."""
+    from tiny_models import save_tiny_model
+
+    from aligner.forms import load_demo_model, target_loss
+    from aligner.training.data import format_prompt
+
+    model, tokenizer = load_demo_model(save_tiny_model(tmp_path / "model"))
+    instructions, targets = ["Name a colour.", "What is two plus two?"], ['{"answer": "Red."}', "Four."]
+    base = target_loss(model, tokenizer, instructions, targets)
+    prompted = target_loss(model, tokenizer, instructions, targets, "Reply in JSON.")
+    assert prompted != base
+    assert prompted == target_loss(model, tokenizer, instructions, targets, system="Reply in JSON.")
+    assert "Reply in JSON." in format_prompt(tokenizer, messages(instructions[0], "Reply in JSON."))

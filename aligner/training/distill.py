@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import set_seed
 
 from ..hf_patch import disabled
 from .data import Messages, end_of_answer, format_prompt, pad_batch
@@ -44,11 +45,14 @@ def distill_examples(
     max_new_tokens: int = 128,
     batch_size: int = 8,
     temperature: float = 0.0,
+    seed: int | None = None,
     progress: bool = True,
 ) -> list[tuple[Messages, str]]:
     """The base model's answers WITH ``system_prompt`` (the teacher's continuations), paired with
     the prompts WITHOUT it; empty answers are dropped. A model carrying an Aligner answers with it
-    disabled."""
+    disabled. ``seed`` (when given) makes sampled answers (``temperature`` > 0) the same every run."""
+    if seed is not None:
+        set_seed(seed)
     with_system = [system_messages(system_prompt, p) for p in prompts]
     options = dict(
         max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainingArguments
+from transformers import TrainingArguments, set_seed
 
 from ..files import append_line, write_atomic
 from ..hf_patch import patch, trainable_parameters
@@ -53,9 +53,13 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 def attach_aligner(model: Any, config: TrainConfig) -> Any:
-    """Patch ``model`` with a fresh Aligner, or load ``config.init_aligner`` (checked against the base)."""
+    """Patch ``model`` with a fresh Aligner drawn from ``config.seed``, or load ``config.init_aligner``
+    (checked against the base)."""
     if config.init_aligner:
         return load(model, config.init_aligner)
+    # The prefix's N(0, 1) draw comes before the Trainer seeds its run: without this, the same seed
+    # started from another random state and gave another Aligner.
+    set_seed(config.seed)
     return patch(model, config.num_tokens, config.start_layer)
 
 
