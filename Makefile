@@ -38,9 +38,9 @@ $(VENV)/.demo-installed: $(VENV)/.installed setup.py
 	touch $@
 
 demo: $(VENV)/.demo-installed
-	$(PY) -m aligner.demo --output-dir demo-output
+	$(PY) benchmarks/demo.py --output-dir demo-output
 
 # `make bank-demo`: three 1-token Aligners (JSON object, ALL CAPS, "Answer:" prefix) in a bank with
 # 100,000 random ones; one batch of unseen kinds of prompts, a different Aligner per row.
 bank-demo: $(VENV)/.demo-installed
-	$(PY) -m aligner.bank_demo --output-dir bank-demo-output
+	$(PY) benchmarks/bank_demo.py --output-dir bank-demo-output

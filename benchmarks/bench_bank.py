@@ -25,9 +25,25 @@ import aligner
 from aligner import AlignerBank
 
 try:
+    from .answer_forms import (
+        CARRY_INSTRUCTIONS,
+        HELDOUT_INSTRUCTIONS,
+        SMOLLM2_GGUF,
+        TRAIN_INSTRUCTIONS,
+        messages,
+        smollm2_directory,
+    )
     from .common import benchmark_parser, run_and_record, timed_call
     from .models import load_model
 except ImportError:
+    from answer_forms import (
+        CARRY_INSTRUCTIONS,
+        HELDOUT_INSTRUCTIONS,
+        SMOLLM2_GGUF,
+        TRAIN_INSTRUCTIONS,
+        messages,
+        smollm2_directory,
+    )
     from common import benchmark_parser, run_and_record, timed_call
     from models import load_model
 
@@ -62,7 +78,6 @@ def random_bank(model, size: int, dtype: torch.dtype, seed: int = 0) -> AlignerB
 
 
 def prompts(tokenizer, count: int) -> list[str]:
-    from aligner.forms import CARRY_INSTRUCTIONS, HELDOUT_INSTRUCTIONS, TRAIN_INSTRUCTIONS, messages
     from aligner.training.data import format_prompt
 
     pool = HELDOUT_INSTRUCTIONS + CARRY_INSTRUCTIONS + TRAIN_INSTRUCTIONS
@@ -76,8 +91,6 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
     model.generation_config.eos_token_id = None  # always generate exactly new_tokens
     if args.model == "smollm2":
         from transformers import AutoTokenizer
-
-        from aligner.forms import SMOLLM2_GGUF, smollm2_directory
 
         tokenizer = AutoTokenizer.from_pretrained(smollm2_directory(), gguf_file=SMOLLM2_GGUF)
         tokenizer.padding_side = "left"

@@ -33,11 +33,12 @@ from pathlib import Path
 import torch
 
 from aligner.files import write_atomic
-from aligner.forms import SMOLLM2_GGUF, smollm2_directory
 
 try:  # as a module of the benchmarks package, or as a script
+    from .answer_forms import SMOLLM2_GGUF, smollm2_directory
     from .common import RESULTS_DIR, environment
 except ImportError:
+    from answer_forms import SMOLLM2_GGUF, smollm2_directory
     from common import RESULTS_DIR, environment
 
 # Written for this benchmark: varied kinds (explain, how-to, advice, describe, compare, creative,

@@ -2,7 +2,7 @@
 
 Same task, data and budget for every method: the ``make demo`` form-adaptation task (the base
 model's own answers wrapped as ``{"answer": ...}``; the training and held-out instructions of
-aligner/forms.py) on SmolLM2-135M-Instruct, the same number of steps, batch size and
+benchmarks/answer_forms.py) on SmolLM2-135M-Instruct, the same number of steps, batch size and
 transformers ``Trainer`` loop. Methods:
 
 - Aligner, N = 1 and N = 10 (start layer 2);
@@ -31,24 +31,35 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from aligner.files import write_atomic
-from aligner.forms import (
-    FORMS,
-    HELDOUT_INSTRUCTIONS,
-    SMOLLM2_GGUF,
-    TRAIN_INSTRUCTIONS,
-    base_answers,
-    compliance,
-    messages,
-    smollm2_directory,
-    target_loss,
-)
 from aligner.training import generate, load_model
 from aligner.training.data import format_prompt, sft_collator, tokenize_pair
 from aligner.training.trainer import AlignerTrainer
 
 try:  # as a module of the benchmarks package, or as a script
+    from .answer_forms import (
+        FORMS,
+        HELDOUT_INSTRUCTIONS,
+        SMOLLM2_GGUF,
+        TRAIN_INSTRUCTIONS,
+        base_answers,
+        compliance,
+        messages,
+        smollm2_directory,
+        target_loss,
+    )
     from .models import with_method
 except ImportError:
+    from answer_forms import (
+        FORMS,
+        HELDOUT_INSTRUCTIONS,
+        SMOLLM2_GGUF,
+        TRAIN_INSTRUCTIONS,
+        base_answers,
+        compliance,
+        messages,
+        smollm2_directory,
+        target_loss,
+    )
     from models import with_method
 
 RESULTS = Path(__file__).parent / "results"

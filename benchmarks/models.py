@@ -9,7 +9,11 @@ import transformers
 from torch import nn
 
 import aligner
-from aligner.forms import SMOLLM2_GGUF, smollm2_directory
+
+try:  # as a module of the benchmarks package, or as a script
+    from .answer_forms import SMOLLM2_GGUF, smollm2_directory
+except ImportError:
+    from answer_forms import SMOLLM2_GGUF, smollm2_directory
 
 # LLaMA-2-7B and a Llama-3-8B-like GQA shape, with few layers (random weights, no download).
 CONFIGS = {

@@ -324,29 +324,6 @@ def test_bank_command_line(tmp_path, capsys, monkeypatch):
     assert out.strip() == json.loads(out2)["answer"]
 
 
-def test_bank_demo_toy_size(tmp_path, capsys):
-    """The bank demo end to end on a tiny random model: three Aligners trained, a bank with random
-    ones, one mixed batch printed with its form checks, metrics written. (Forms are not learnt at
-    this size; `make bank-demo` on SmolLM2 is the real run.)"""
-    pytest.importorskip("datasets", reason="needs the train extra: pip install -e '.[train]'")
-
-    from aligner import bank_demo
-
-    model_dir = save_tiny_model(tmp_path / "model")
-    argv = ["--model", model_dir, "--output-dir", tmp_path / "out", "--random-aligners", 50, "--steps", 1,
-            "--limit", 3, "--answer-tokens", 4, "--reply-tokens", 4, "--min-compliance", 0]  # fmt: skip
-    assert bank_demo.main([str(a) for a in argv]) == 0
-    out = capsys.readouterr().out
-    assert "one batch of 3 held-out prompts" in out
-    for form in ("json", "caps", "prefix"):
-        assert f"[{form:>6} " in out
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["bank_aligners"] == 53
-    assert [row["aligner"] for row in metrics["one_batch"]] == ["json", "caps", "prefix"]
-    assert set(metrics["compliance"]) >= {"json", "caps", "prefix"}
-    assert AlignerBank.load(tmp_path / "out" / "bank.safetensors").names[:3] == ["json", "caps", "prefix"]
-
-
 def test_bench_bank_smoke(tmp_path):
     import sys
     from pathlib import Path

@@ -22,23 +22,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from .files import write_atomic
-from .forms import (
+from answer_forms import (
     FORMS,
     START_LAYER,
+    add_cache_arguments,
     base_answers,
+    base_model_cache,
     compliance,
     instruction_sets,
     load_demo_model,
     messages,
 )
 
+from aligner.files import write_atomic
+
 
 def _random_bank(bank: Any, count: int, seed: int) -> Any:
     """``bank`` plus ``count`` random Aligners (tokens N(0, 1) like a fresh Aligner, gates N(0, 0.05)
     like a trained one), named random-000000, ..."""
-    from .bank import AlignerBank
+    from aligner import AlignerBank
 
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randn(count, *bank.tokens.shape[1:], generator=gen).to(bank.tokens.dtype)
@@ -52,8 +54,8 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from . import AlignerBank, attach_bank, save, unpatch
-    from .training import TrainConfig, generate, train_sft
+    from aligner import AlignerBank, attach_bank, save, unpatch
+    from aligner.training import TrainConfig, generate, train_sft
 
     start = time.time()
     torch.manual_seed(args.seed)
@@ -62,9 +64,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load_demo_model(args.model)
     sets = instruction_sets(args.limit or None)
     everything = [i for rows in sets.values() for i in rows]
-    answers = dict(
-        zip(everything, base_answers(model, tokenizer, everything, args.answer_tokens, args.gen_batch_size))
-    )
+    cache = base_model_cache(args, model)
+    answers = dict(zip(everything, cache.get(
+        "answers", {"instructions": everything, "tokens": args.answer_tokens},
+        lambda: base_answers(model, tokenizer, everything, args.answer_tokens, args.gen_batch_size),
+    )))  # fmt: skip
     train = [i for i in sets["train"] if answers[i]]  # drop empty answers
 
     summaries = {}
@@ -151,7 +155,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aligner.bank_demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/bank_demo.py", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--output-dir", default="bank-demo-output")
     parser.add_argument("--model", help="model directory instead of SmolLM2 (e.g. a tiny test model)")
     parser.add_argument("--random-aligners", type=int, default=100_000)
@@ -165,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--limit", type=int, default=0, help="use only the first LIMIT instructions of each set"
     )
     parser.add_argument("--seed", type=int, default=0)
+    add_cache_arguments(parser)
     parser.add_argument(
         "--min-compliance",
         type=float,

