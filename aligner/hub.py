@@ -49,9 +49,10 @@ def _local(source: str | os.PathLike, revision: str | None, argument: str) -> Pa
     path = Path(source).expanduser()
     if path.exists() or not isinstance(source, str):
         if revision is not None:
+            # Worded for whoever gave it: --revision on the command line, revision= in Python.
+            given = f"--revision {revision}" if argument.startswith("--") else f"revision={revision!r}"
             raise ValueError(
-                f"{argument}={str(source)!r} is a local path; "
-                f"revision={revision!r} applies to Hub repo ids only"
+                f"{argument}={str(source)!r} is a local path; {given} applies to Hub repo ids only"
             )
         return path
     return None

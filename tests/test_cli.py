@@ -56,7 +56,7 @@ def json_lines(stdout: str) -> list[dict]:
 
 def test_every_subcommand_has_help(capsys):
     commands = build_parser()._subparsers._group_actions[0].choices
-    expected = {"train", "dpo", "distill", "generate", "chat", "merge", "convert", "info", "bank"}
+    expected = {"train", "dpo", "distill", "generate", "chat", "eval", "merge", "convert", "info", "bank"}
     assert set(commands) == expected
     for command in commands:
         with pytest.raises(SystemExit) as exit_info:
@@ -814,7 +814,8 @@ def test_help_and_argument_errors_import_no_training_stack_and_nothing_warns(mod
         "except SystemExit:\n"
         "    pass\n"
         "code = main(['generate', sys.argv[1], '--prompt', 'hi', '--max-new-tokens', '-1'])\n"
-        "heavy = ('aligner.training', 'transformers.trainer', 'peft', 'bitsandbytes', 'datasets')\n"
+        "heavy = ('aligner.training', 'transformers.trainer', 'peft', 'bitsandbytes', 'datasets',\n"
+        "         'lm_eval')\n"
         "print('loaded:', [name for name in heavy if name in sys.modules], code)\n"
         "sys.exit(main(['info', sys.argv[1]]))\n"  # imports the training stack
     )
