@@ -225,6 +225,52 @@ def test_cli_generate_with_an_aligner_from_the_hub(published, tmp_path, capsys):
     assert main(argv) == 0
 
 
+def test_cli_revision_reaches_every_hub_option(published, bank_repo, tmp_path, capsys):
+    """--revision picks the branch, tag or commit of --aligner, --bank and --init-aligner (generate,
+    train, merge), and is refused where it would be ignored."""
+    from aligner.cli import main
+
+    base = save_tiny_model(tmp_path / "base", num_hidden_layers=3, hidden_size=64, intermediate_size=96)
+    generate = ["generate", base, "--prompt", "the cat", "--max-new-tokens", "6", "--json"]
+
+    def answer(*argv) -> str:
+        assert main([str(a) for a in [*generate, *argv]]) == 0, capsys.readouterr().err
+        return json.loads(capsys.readouterr().out.splitlines()[-1])["answer"]
+
+    def error(*argv) -> str:
+        assert main([str(a) for a in argv]) == 2
+        return capsys.readouterr().err
+
+    at_v1 = answer("--aligner", tmp_path / "saved-v1")
+    assert answer("--aligner", REPO, "--revision", "v1") == at_v1
+    assert answer("--aligner", REPO, "--revision", COMMITS["v1"]) == at_v1
+    assert answer("--aligner", REPO) == answer("--aligner", tmp_path / "saved-main") != at_v1
+    # "answer" is in the bank at v1 only.
+    assert "no Aligner named 'answer'" in error(*generate, "--bank", "user/banks", "--aligner", "answer")
+    answer("--bank", "user/banks", "--revision", "v1", "--aligner", "answer")
+
+    not_cached = "at revision 'v9' is not in the local Hugging Face cache"
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"instruction": "the cat", "output": "sat"}) + "\n")
+    train = ["train", base, "--data", data, "--output-dir", tmp_path / "out"]
+    assert not_cached in error(*train, "--init-aligner", REPO, "--revision", "v9")
+    assert "--num-tokens 1 conflicts with --init-aligner" in error(
+        *train, "--init-aligner", REPO, "--revision", "v1", "--num-tokens", "1"
+    )
+    merge = ["merge", base, "--aligner", REPO, "--output-dir", tmp_path / "merged"]
+    assert not_cached in error(*merge, "--revision", "v9")
+    assert "only a 1-token Aligner merges" in error(*merge, "--revision", "v1")
+    assert "--revision v1 applies to --init-aligner given as a Hub repo id; none was given" in error(
+        *train, "--revision", "v1"
+    )
+    assert "--revision v1 applies to --aligner or --bank given as a Hub repo id" in error(
+        *generate, "--revision", "v1"
+    )
+    local = error(*generate, "--aligner", tmp_path / "saved-v1", "--revision", "v1")
+    assert "saved-v1' is a local path; --revision v1 applies to Hub repo ids only" in local
+    assert not (tmp_path / "out").exists() and not (tmp_path / "merged").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # Publishing
 
