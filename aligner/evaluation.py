@@ -217,6 +217,7 @@ def evaluate(
         raise ValueError("give include_path= or manager=, not both (manager already has its include path)")
     names = check_tasks(manager, tasks)
 
+    given_bank = bank
     if aligner is not None:
         load(model, aligner, revision=revision)
     elif aligner_name is not None:
@@ -254,9 +255,11 @@ def evaluate(
         model.train(training)  # HFLM puts the model in eval mode
     if results is None:
         return None
+    # The bank as given (a path or repo reference), else the AlignerBank's description.
+    described = repr(bank) if given_bank is None or given_bank is bank else str(given_bank)
     results["aligner"] = {
         "aligner": None if aligner is None else str(aligner),
-        "bank": None if bank is None else str(bank) if not isinstance(bank, AlignerBank) else repr(bank),
+        "bank": None if bank is None else described,
         "aligner_name": aligner_name,
         "revision": revision,
         "state": _aligner_state(model),

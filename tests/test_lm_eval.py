@@ -121,6 +121,7 @@ def runs(files) -> dict[str, dict]:
     with aligner.disabled(model):
         results["a-disabled"] = run(model, tokenizer, files)
     results["b-bank"] = run(model, tokenizer, files, bank=files["bank"], aligner_name="b")
+    results["b-attached"] = run(model, tokenizer, files, aligner_name="b")  # the bank attached above
     results["a-after-bank"] = run(model, tokenizer, files)  # the model's own Aligner again
     aligner.detach_bank(model)
     results["b"] = run(model, tokenizer, files, aligner=files["b"])
@@ -177,12 +178,15 @@ def test_disabled_equals_the_unpatched_model_exactly(runs):
     assert disabled["aligner"]["state"] == "disabled"
 
 
-def test_a_bank_aligner_by_name_equals_it_loaded_alone(runs):
+def test_a_bank_aligner_by_name_equals_it_loaded_alone(runs, files):
     by_name, alone = runs["b-bank"], runs["b"]
     assert loglikelihoods(by_name) == loglikelihoods(alone)
     assert generations(by_name) == generations(alone)
     assert scores(by_name) == scores(alone)
-    assert by_name["aligner"]["aligner_name"] == "b"
+    assert by_name["aligner"]["aligner_name"] == "b" and by_name["aligner"]["bank"] == str(files["bank"])
+    assert loglikelihoods(runs["b-attached"]) == loglikelihoods(alone)
+    assert runs["b-attached"]["aligner"]["bank"].startswith("AlignerBank(2 Aligners")
+    assert aligner.evaluate is evaluate
     # Outside the evaluation the model runs its own Aligner (a) again, bit for bit.
     assert loglikelihoods(runs["a-after-bank"]) == loglikelihoods(runs["a"])
 
