@@ -385,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument(
         "--path-in-repo",
         default="bank.safetensors",
-        help="a bank's path in the repository (the default is what AlignerBank.load('owner/name') reads)",
+        help="a bank's path in the repository (default: bank.safetensors, which "
+        "AlignerBank.load('owner/name') reads)",
     )
     push.add_argument("--base-model", help="the base model's Hub id, for the model card's base_model")
     push.add_argument("--private", action="store_true", default=None, help="create the repository private")
@@ -828,6 +829,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> None:
             "--bank needs --aligner NAME, the bank's Aligner to evaluate (lm_eval's batches cannot choose "
             "one per row); without --bank, --aligner is a saved Aligner"
         )
+    _check_revision(args, "aligner", "bank")  # before the task index (seconds), like every cheap check
     include = "--include-path"
     manager = task_manager(args.include_path, include_defaults=args.builtin_tasks, argument=include)
     tasks = check_tasks(manager, args.tasks, "--tasks", include)
