@@ -18,13 +18,20 @@ base model) passed to ``model(...)`` or ``model.generate(...)`` after :func:`att
     bank = AlignerBank.load("bank.safetensors")
     aligner.attach_bank(model, bank)
     model.generate(input_ids, attention_mask=mask, aligner_index=bank.indices(["json", None, "caps"]))
+
+Code that calls the model without ``aligner_index`` (an evaluation harness, a pipeline) gets one
+bank Aligner for every row inside :func:`selected`::
+
+    with aligner.selected(model, "json"):
+        model.generate(input_ids, attention_mask=mask)   # every row: the "json" Aligner
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -343,6 +350,8 @@ def attach_bank(model: Any, bank: AlignerBank, *, backend: str | None = None) ->
             f"(differs in {', '.join(differing)})"
         )
     state = getattr(model, "aligner_state", None)
+    if state is not None:
+        _check_not_selected(state, "attach another bank")
     if state is None:
         patch(model, bank.num_tokens, bank.start_layer, backend=backend)
         state = get_state(model)
@@ -361,6 +370,55 @@ def attach_bank(model: Any, bank: AlignerBank, *, backend: str | None = None) ->
 def detach_bank(model: Any) -> Any:
     """Forget the model's bank (``aligner_index`` is then refused); returns the model."""
     state = get_state(model)
+    _check_not_selected(state, "detach the bank")
     state.bank = None
     state.memo.clear()
     return model
+
+
+def _check_not_selected(state: Any, action: str) -> None:
+    if state.selected is not None:
+        raise ValueError(f"cannot {action} inside aligner.selected(...): leave the with-block first")
+
+
+@contextlib.contextmanager
+def selected(model: Any, aligner: str | int) -> Iterator[Any]:
+    """Inside the block, every forward and ``generate`` call of ``model`` runs the bank Aligner
+    ``aligner`` (its name, or its bank index) on every row, as if it were loaded alone with
+    :func:`aligner.load`: for code that calls the model without ``aligner_index``, such as an
+    evaluation harness. A call that passes ``aligner_index`` still gets its own rows, and
+    :func:`aligner.disabled` still runs the base model. The model's own Aligner parameters are not
+    touched; leaving the block restores what was selected before (blocks nest).
+
+    The model needs a bank (:func:`attach_bank`). The row is read and checked once, on entry, and
+    kept on the devices of the model's own Aligner (tokens with the prefix, each gate with its layer).
+    """
+    state = get_state(model)
+    bank = state.bank
+    if bank is None:
+        raise ValueError(
+            "aligner.selected needs a bank on the model: call aligner.attach_bank(model, bank) first"
+        )
+    if isinstance(aligner, str):
+        index = bank.index(aligner)
+    elif isinstance(aligner, int) and not isinstance(aligner, bool):
+        if not 0 <= aligner < len(bank):
+            raise ValueError(f"aligner={aligner} is not an index of this bank of {len(bank)} Aligners")
+        index = aligner
+    else:
+        raise TypeError(
+            f"aligner must be an Aligner's name (str) or bank index (int), got {type(aligner).__name__}"
+        )
+    tokens, gates = bank.select(torch.tensor([index]))
+    row = (
+        tokens[0].to(model.aligner_prefix.tokens.device),
+        {
+            layer: gates[0, layer - state.start_layer].to(attn.aligner.gate.device)
+            for layer, attn in state.layers.items()
+        },
+    )
+    previous, state.selected = state.selected, row
+    try:
+        yield model
+    finally:
+        state.selected = previous

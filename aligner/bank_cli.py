@@ -81,14 +81,16 @@ def add_bank_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_bank(path: str | Path, option: str = "") -> Any:
-    """``AlignerBank.load(path)``, with errors that say what was expected (``option`` names the
-    option that gave ``path``, if any)."""
+def load_bank(path: str | Path, option: str = "", revision: str | None = None) -> Any:
+    """``AlignerBank.load(path, revision=revision)``, with errors that say what was expected (``option``
+    names the option that gave ``path``, if any)."""
     from .bank import AlignerBank
+    from .hub import resolve_bank
 
     expected = "a .safetensors file written by `aligner bank build`"
     if Path(path).is_dir():
         raise ValueError(f"{option or 'bank file'} {path} is a directory; expected {expected}")
+    path = resolve_bank(path, revision=revision, argument=option or "path")  # its errors name the option
     try:
         return AlignerBank.load(path)
     except FileNotFoundError as error:
@@ -168,12 +170,13 @@ def is_bank_file(path: str | Path) -> bool:
 # generate / chat --bank: checked before the model loads
 
 
-def open_bank(path: str, base: dict[str, Any], aligner: str | None) -> Any:
-    """The ``--bank`` file, checked against the model before it loads: made for ``base`` (the model's
-    fingerprint, from its config alone) and, with ``--aligner NAME``, holding that Aligner."""
+def open_bank(path: str, base: dict[str, Any], aligner: str | None, revision: str | None = None) -> Any:
+    """The ``--bank`` file (a Hub one at ``--revision``), checked against the model before it loads:
+    made for ``base`` (the model's fingerprint, from its config alone) and, with ``--aligner NAME``,
+    holding that Aligner."""
     from .serialization import FINGERPRINT_KEYS, _describe
 
-    bank = load_bank(path, "--bank")
+    bank = load_bank(path, "--bank", revision)
     differing = [key for key in FINGERPRINT_KEYS if bank.base[key] != base[key]]
     if differing:
         raise ValueError(

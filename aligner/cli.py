@@ -1,4 +1,4 @@
-"""The aligner command line: train, dpo, distill, generate, chat, merge, convert, info.
+"""The aligner command line: train, dpo, distill, generate, chat, eval, merge, convert, info, bank, push.
 
 Every subcommand has --help. Models come from a local directory, a GGUF file (the .gguf path, or
 a directory holding one; --gguf-file NAME picks one of several) or a hub name when the machine has
@@ -60,6 +60,24 @@ so that the model WITHOUT the system prompt matches the prompted model on those 
   --loss sft  cross-entropy on the answers' tokens only (SFT on the prompted model's answers)
 
 Instructions: JSON/JSONL rows with "instruction" (+ optional "input") or "prompt".
+"""
+
+
+PUSH_HELP = """Upload a saved Aligner (its two files) or a bank (its one file, as it is) to a Hugging Face Hub
+repository, with a generated model card (README.md), in one commit. Log in first (hf auth login, or
+set HF_TOKEN). Load them back with aligner.load(model, "owner/name") / --aligner owner/name, and
+AlignerBank.load("owner/name") / --bank owner/name.
+"""
+
+EVAL_HELP = """Evaluate the base model, or the base model plus an Aligner, with EleutherAI's
+lm-evaluation-harness (lm_eval 0.4.x: pip install 'aligner-kernels[eval]').
+
+--tasks takes lm_eval task, group or tag names or task YAML files; --include-path adds a folder of
+task YAML files of your own. A task can read a local JSON Lines file:
+  dataset_path: json
+  dataset_kwargs: {data_files: {test: /data/my_task.jsonl}}
+With --bank, --aligner names the bank's Aligner, which every call lm_eval makes runs. Prints one line
+per task (--json: a JSON object per task); --output writes lm_eval's full results as JSON.
 """
 
 
@@ -166,12 +184,28 @@ def _generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", help="system prompt")
 
 
+def _revision_argument(parser: argparse.ArgumentParser, options: str) -> None:
+    parser.add_argument(
+        "--revision",
+        help=f"branch, tag or commit of the Hugging Face Hub repository given to {options} (a Hub repo id)",
+    )
+
+
+def _check_revision(args: argparse.Namespace, *options: str) -> None:
+    """--revision needs one of ``options`` (attribute names) given: alone it would be silently ignored."""
+    if args.revision is not None and not any(getattr(args, name, None) for name in options):
+        flags = " or ".join(cli_flag(name) for name in options)
+        raise ValueError(
+            f"--revision {args.revision} applies to {flags} given as a Hub repo id; none was given"
+        )
+
+
 def _command(commands: Any, name: str, help: str, description: str) -> argparse.ArgumentParser:
     return commands.add_parser(
         name,
         help=help,
         description=description,
-        epilog=MODEL_HELP if name not in ("convert", "info") else None,
+        epilog=MODEL_HELP if name not in ("convert", "info", "push") else None,
         formatter_class=HelpFormatter,
     )
 
@@ -190,12 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_arguments(train)
     train.add_argument("--data", required=True, help="training data (.json or .jsonl)")
+    _revision_argument(train, "--init-aligner")
     _output_arguments(train, progress=False)
     _config_arguments(train, "train")
 
     dpo = _command(commands, "dpo", "DPO of an Aligner on preference pairs", DPO_HELP)
     _model_arguments(dpo)
     dpo.add_argument("--data", required=True, help="preference pairs (.json or .jsonl)")
+    _revision_argument(dpo, "--init-aligner")
     _output_arguments(dpo, progress=False)
     _config_arguments(dpo, "dpo", lr=1e-3)
 
@@ -209,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-new-tokens", type=int, default=128, help="answer length when generating targets"
     )
     distill.add_argument("--loss", default="kl", choices=["kl", "sft"], help="distillation loss (see above)")
+    _revision_argument(distill, "--init-aligner")
     distill.add_argument(
         "--temperature",
         type=float,
@@ -248,7 +285,48 @@ def build_parser() -> argparse.ArgumentParser:
     _output_arguments(chat)
     bank_cli.add_bank_option(gen)  # bank: aligner/bank_cli.py
     bank_cli.add_bank_option(chat)
+    _revision_argument(gen, "--aligner or --bank")
+    _revision_argument(chat, "--aligner or --bank")
     bank_cli.add_bank_commands(commands)
+
+    evaluation = _command(commands, "eval", "evaluate with lm-evaluation-harness", EVAL_HELP)
+    _model_arguments(evaluation)
+    evaluation.add_argument(
+        "--tasks", required=True, help="lm_eval task, group or tag names, or task YAML files, comma-separated"
+    )
+    evaluation.add_argument(
+        "--aligner",
+        help="saved Aligner directory or Hub repo id (none: the base model); with --bank, the name of the "
+        "bank's Aligner to evaluate",
+    )
+    evaluation.add_argument("--bank", help="bank file or Hub reference: --aligner then names its Aligner")
+    _revision_argument(evaluation, "--aligner or --bank")
+    evaluation.add_argument(
+        "--include-path", action="append", help="a folder of task YAML files of your own (repeatable)"
+    )
+    evaluation.add_argument(
+        "--no-builtin-tasks",
+        dest="builtin_tasks",
+        action="store_false",
+        help="look tasks up in --include-path only (skips indexing lm_eval's built-in tasks, about 10 s)",
+    )
+    evaluation.add_argument(
+        "--limit", type=float, help="evaluate only this many examples per task (below 1: this fraction)"
+    )
+    evaluation.add_argument(
+        "--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's)"
+    )
+    evaluation.add_argument(
+        "--batch-size", type=int, default=8, help="sequences per forward or generate call"
+    )
+    evaluation.add_argument(
+        "--output", help="write lm_eval's full results (JSON) to this file (new, or with --overwrite)"
+    )
+    evaluation.add_argument("--overwrite", action="store_true", help="replace the --output file if it exists")
+    evaluation.add_argument(
+        "--log-samples", action="store_true", help="include every sample's inputs and outputs in --output"
+    )
+    _output_arguments(evaluation)
 
     merge = _command(
         commands,
@@ -259,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Files already in OUTPUT_DIR that aligner did not write are never deleted.",
     )
     _model_arguments(merge)
-    merge.add_argument("--aligner", required=True, help="saved 1-token Aligner directory")
+    merge.add_argument("--aligner", required=True, help="saved 1-token Aligner directory or Hub repo id")
+    _revision_argument(merge, "--aligner")
     merge.add_argument(
         "--output-dir", required=True, help="where the merged model and tokenizer go (new or empty)"
     )
@@ -299,6 +378,25 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--num-tokens", type=int, default=1, help="Aligner tokens to price")
     info.add_argument("--start-layer", type=int, default=2, help="first Aligner layer to price")
     _output_arguments(info, progress=False)
+
+    push = _command(commands, "push", "upload a saved Aligner or a bank to the Hugging Face Hub", PUSH_HELP)
+    push.add_argument("source", help="saved Aligner directory, or bank file (.safetensors)")
+    push.add_argument("repo_id", help="Hub repository, owner/name (created if needed)")
+    push.add_argument(
+        "--path-in-repo",
+        default="bank.safetensors",
+        help="a bank's path in the repository (default: bank.safetensors, which "
+        "AlignerBank.load('owner/name') reads)",
+    )
+    push.add_argument("--base-model", help="the base model's Hub id, for the model card's base_model")
+    push.add_argument("--private", action="store_true", default=None, help="create the repository private")
+    push.add_argument("--revision", help="the branch to commit to (default: the repository's main branch)")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    push.add_argument("--commit-message", help="the commit's message")
+    push.add_argument(
+        "--no-card", dest="card", action="store_false", help="no README.md (an existing one is kept)"
+    )
+    _output_arguments(push, progress=False)
     return parser
 
 
@@ -430,15 +528,18 @@ def _check_training(args: argparse.Namespace, config: Any, command: str) -> None
             check_resumable(checkpoint, run_info(command, config, None, None))
 
 
-def _inherit_from_init_aligner(values: dict[str, Any], defaults: dict[str, Any]) -> None:
+def _inherit_from_init_aligner(
+    values: dict[str, Any], defaults: dict[str, Any], revision: str | None = None
+) -> None:
     """The INHERITED options not given take the --init-aligner Aligner's values (else ``defaults``);
-    given, they must agree with it: an explicit --num-tokens 2 is never silently replaced."""
+    given, they must agree with it: an explicit --num-tokens 2 is never silently replaced. A Hub
+    --init-aligner is fetched at ``revision``."""
     from .serialization import read_config
 
     init = values.get("init_aligner")
     saved = None
     if init is not None:
-        init = values["init_aligner"] = _local_aligner(init, "--init-aligner")
+        init = values["init_aligner"] = _local_aligner(init, "--init-aligner", revision)
         saved = read_config(init)
     for name in INHERITED:
         if values.get(name) is None:
@@ -456,7 +557,8 @@ def _config(args: argparse.Namespace, console: Console) -> Any:
 
     fields = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
     values = {name: value for name, value in vars(args).items() if name in fields}
-    _inherit_from_init_aligner(values, fields)
+    _check_revision(args, "init_aligner")
+    _inherit_from_init_aligner(values, fields, args.revision)
     return TrainConfig(**values, callbacks=[_console_callback(console), _last_step_logs()])
 
 
@@ -576,22 +678,23 @@ def cmd_distill(args: argparse.Namespace, console: Console) -> None:
     _report(console, summary, args.output_dir)
 
 
-def _local_aligner(source: str, argument: str) -> str:
-    """An Aligner given as a local directory or a Hugging Face Hub repo id, as a local directory
-    (downloaded into the Hub cache if needed); a clear error naming ``argument`` otherwise."""
+def _local_aligner(source: str, argument: str, revision: str | None = None) -> str:
+    """An Aligner given as a local directory or a Hugging Face Hub repo id (at ``revision``), as a local
+    directory (downloaded into the Hub cache if needed); a clear error naming ``argument`` otherwise."""
     from .hub import resolve_aligner
 
-    return str(resolve_aligner(source, argument=argument))
+    return str(resolve_aligner(source, argument=argument, revision=revision))
 
 
 def _check_aligner(args: argparse.Namespace) -> Any:
     """Before the model loads: its config, and the --aligner directory (made for it) or, with --bank,
     the bank file (made for it, holding --aligner NAME). Returns the bank (None without --bank)."""
     bank_file = getattr(args, "bank", None)
+    _check_revision(args, "aligner", "bank")
     if args.aligner and not bank_file:
-        args.aligner = _local_aligner(args.aligner, "--aligner")
+        args.aligner = _local_aligner(args.aligner, "--aligner", args.revision)
     base = _check_model(args, None if bank_file else args.aligner)
-    return bank_cli.open_bank(bank_file, base, args.aligner) if bank_file else None
+    return bank_cli.open_bank(bank_file, base, args.aligner, args.revision) if bank_file else None
 
 
 def _with_aligner(args: argparse.Namespace, bank: Any = None) -> tuple[Any, Any]:
@@ -682,11 +785,113 @@ def cmd_chat(args: argparse.Namespace, console: Console) -> None:
         )
 
 
+def _eval_limit(limit: float | None) -> int | float | None:
+    """--limit as lm_eval takes it: a whole number of examples per task, or a fraction below 1."""
+    if limit is None:
+        return None
+    if not limit > 0 or (limit >= 1 and limit != int(limit)):
+        raise ValueError(
+            f"--limit must be a whole number of examples per task or a fraction in (0, 1), got {limit:g}"
+        )
+    return int(limit) if limit >= 1 else limit
+
+
+def _metrics_text(task: str, values: dict[str, Any]) -> str:
+    """``task: acc 0.4 ± 0.2449, acc_norm 0.6 ± 0.2449``, from lm_eval's ``"acc,none"``-style keys."""
+    shown = []
+    for key, value in values.items():
+        metric, _, filtering = key.partition(",")
+        if not filtering or metric.endswith("_stderr"):
+            continue  # name, alias, sample_len; stderrs go beside their metric
+        name = metric if filtering == "none" else key
+        stderr = values.get(f"{metric}_stderr,{filtering}")
+        spread = f" ± {_number(float(stderr))}" if isinstance(stderr, (int, float)) else ""
+        shown.append(f"{name} {_number(float(value)) if isinstance(value, (int, float)) else value}{spread}")
+    return f"{task}: " + ", ".join(shown)
+
+
+def cmd_eval(args: argparse.Namespace, console: Console) -> None:
+    from .evaluation import check_tasks, require_lm_eval, task_manager
+
+    require_lm_eval()  # before anything else: without it the command cannot run at all
+    from lm_eval.utils import handle_non_serializable
+
+    from .outputs import check_output_file, write_results
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise ValueError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    limit = _eval_limit(args.limit)
+    if args.output:
+        check_output_file(args.output, "--output", overwrite=args.overwrite, example="results.json")
+    if args.bank and not args.aligner:
+        raise ValueError(
+            "--bank needs --aligner NAME, the bank's Aligner to evaluate (lm_eval's batches cannot choose "
+            "one per row); without --bank, --aligner is a saved Aligner"
+        )
+    _check_revision(args, "aligner", "bank")  # before the task index (seconds), like every cheap check
+    include = "--include-path"
+    manager = task_manager(args.include_path, include_defaults=args.builtin_tasks, argument=include)
+    tasks = check_tasks(manager, args.tasks, "--tasks", include)
+    source = {"aligner": None if args.bank else args.aligner, "bank": args.bank}
+    bank = _check_aligner(args)
+    model, tokenizer = _with_aligner(args) if bank is None else _load(args)
+
+    from .evaluation import evaluate
+
+    results = evaluate(
+        model, tokenizer, tasks, bank=bank, aligner_name=args.aligner if bank is not None else None,
+        manager=manager, limit=limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+        log_samples=args.log_samples, progress=args.progress,
+    )  # fmt: skip
+    results["aligner"].update(source, revision=args.revision)  # what was given, not the cache path
+    # lm_eval's results hold NumPy numbers and a few other objects: JSON as lm_eval writes them.
+    results = json.loads(json.dumps(results, default=handle_non_serializable))
+    for task, values in results["results"].items():
+        console.emit({"task": task, **values}, _metrics_text(task, values))
+    if args.output:
+        write_results(args.output, json.dumps(results, indent=2, ensure_ascii=False) + "\n", "--output")
+
+
+def cmd_push(args: argparse.Namespace, console: Console) -> None:
+    from .hub import BANK_FILENAME, is_repo_id, push_bank_to_hub, push_to_hub
+    from .serialization import CONFIG_NAME
+
+    source = Path(args.source)
+    if not is_repo_id(args.repo_id):
+        raise ValueError(f"REPO_ID {args.repo_id!r} is not a Hugging Face Hub repo id (owner/name)")
+    if (source / CONFIG_NAME).is_file():
+        if args.path_in_repo != BANK_FILENAME:
+            raise ValueError("--path-in-repo applies to a bank; an Aligner's files keep their names")
+        kind, push = "Aligner", push_to_hub
+        options = {}
+    elif source.is_file() and bank_cli.is_bank_file(source):
+        kind, push = "bank", push_bank_to_hub
+        options = {"path_in_repo": args.path_in_repo}
+    else:
+        problem = "no such file or directory" if not source.exists() else "not a saved Aligner nor a bank"
+        raise ValueError(
+            f"{source}: {problem}; expected a saved Aligner directory (with {CONFIG_NAME}) or a bank file "
+            "(aligner bank build)"
+        )
+    info = push(
+        source, args.repo_id, commit_message=args.commit_message, private=args.private,
+        revision=args.revision, create_pr=args.create_pr, base_model=args.base_model, card=args.card,
+        **options,
+    )  # fmt: skip
+    url = getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or str(info)
+    console.emit(
+        {"repo_id": args.repo_id, "kind": kind.lower(), "source": str(source), "url": url},
+        f"pushed the {kind} {source} to {args.repo_id}: {url}",
+    )
+
+
 def cmd_merge(args: argparse.Namespace, console: Console) -> None:
     from .outputs import OutputDir, check_output_dir
     from .serialization import merged_model, read_config, save_pretrained_owned
 
-    args.aligner = _local_aligner(args.aligner, "--aligner")
+    args.aligner = _local_aligner(args.aligner, "--aligner", args.revision)
     config = read_config(args.aligner)
     if config is not None and config["num_tokens"] != 1:
         raise ValueError(
@@ -694,6 +899,7 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> None:
         )
     inputs = [args.aligner, args.model, Path(args.model).parent if args.model.endswith(".gguf") else None]
     check_output_dir(args.output_dir, "merge", overwrite=args.overwrite, inputs=inputs)
+    args.revision = None  # --aligner is a local directory by now
     _check_aligner(args)
     model, tokenizer = _with_aligner(args)
     layers = merged_model(model)
@@ -775,10 +981,12 @@ COMMANDS = {
     "distill": cmd_distill,
     "generate": cmd_generate,
     "chat": cmd_chat,
+    "eval": cmd_eval,
     "merge": cmd_merge,
     "convert": cmd_convert,
     "info": cmd_info,
     "bank": bank_cli.cmd_bank,
+    "push": cmd_push,
 }
 
 
@@ -845,10 +1053,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             print(f"start again with: {_rerun_command(argv, args.resume, '--overwrite')}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except ImportError as error:
-        print(
-            f"aligner {args.command}: {error} (install the extra: pip install 'aligner-kernels[train]')",
-            file=sys.stderr,
-        )
+        # An error that names its extra (aligner eval's) is printed as it is.
+        hint = " (install the extra: pip install 'aligner-kernels[train]')"
+        hint = "" if "pip install" in str(error) else hint
+        print(f"aligner {args.command}: {error}{hint}", file=sys.stderr)
         return EXIT_ERROR
     except OptionError as error:
         print(f"aligner {args.command}: error: {error.render(cli_flag)}", file=sys.stderr)

@@ -93,6 +93,9 @@ class AlignerState:
     layers: dict[int, nn.Module] = field(default_factory=dict)
     # The AlignerBank that ``aligner_index`` selects from (see aligner.bank.attach_bank).
     bank: Any = None
+    # Inside ``aligner.bank.selected``: one bank Aligner for every row that has no ``aligner_index``,
+    # as the tokens (N, hidden) and each layer's gate (H,), on the devices of the model's own Aligner.
+    selected: tuple[Tensor, dict[int, Tensor]] | None = None
     # Values derived once per forward / generate call and shared by every layer.
     memo: Memo = field(default_factory=Memo)
     # The forward pre-hook that follows ``set_attn_implementation`` (removed by ``unpatch``).
@@ -200,7 +203,8 @@ def aligner_attention_hf(
     function as its ``main_attention``; other layers, a module without an Aligner (a model loaded
     with this implementation, e.g. TRL's reference copy), and a disabled or merged Aligner return
     the main attention alone. ``aligner_index`` (one bank index per sequence, -1: none), passed to
-    ``model(...)`` or ``model.generate(...)``, gives each row its own Aligner from the attached bank.
+    ``model(...)`` or ``model.generate(...)``, gives each row its own Aligner from the attached bank;
+    without it, inside ``aligner.bank.selected`` every row gets the bank Aligner selected there.
     """
     main_function = main_attention_function(module, main)
     weights = None
@@ -240,6 +244,8 @@ def aligner_attention_hf(
         # Checked in every layer, those without an Aligner included (once: memoised).
         tokens, gates = _selected(state, aligner_index, sequences, query.device)
         gate = None if aligner is None else gates[:, module.layer_idx - state.start_layer]
+    elif aligner is not None and state.selected is not None:  # aligner.bank.selected: one row for all
+        tokens, gate = state.selected[0], state.selected[1][module.layer_idx]
     elif aligner is not None:
         tokens, gate = aligner.shared_prefix(), aligner.gate
     if gate is None or not state.active:

@@ -7,21 +7,25 @@ resolved through ``huggingface_hub`` (the local cache first, so ``HF_HUB_OFFLINE
 anything downloaded before), fetching only the Aligner's two files, or the bank's one file. A
 ``pathlib.Path`` is always local. Anything else gets a ``FileNotFoundError`` that names the argument.
 
-:func:`push_to_hub` writes the Aligner with :func:`aligner.save` into a temporary directory, adds a
-generated ``README.md`` (model card: ``library_name``, base model and its fingerprint, N, layers,
-how to load) and uploads the folder in one commit.
+:func:`push_to_hub` writes the Aligner with :func:`aligner.save` into a temporary directory (or takes
+the files of a saved Aligner's directory), adds a generated ``README.md`` (model card: ``library_name``,
+base model and its fingerprint, N, layers, how to load) and uploads the folder in one commit.
+:func:`push_bank_to_hub` does the same for a bank: its one safetensors file (uploaded as it is, however
+large; an :class:`aligner.AlignerBank` is saved first) as ``bank.safetensors``, which
+``AlignerBank.load("owner/name")`` fetches, and a card listing its Aligners.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .files import write_atomic
-from .serialization import CONFIG_NAME, FINGERPRINT_KEYS, WEIGHTS_NAME, read_config, save
+from .serialization import CONFIG_NAME, FINGERPRINT_KEYS, WEIGHTS_NAME, read_aligner, read_config, save
 
 LIBRARY_NAME = "aligner-kernels"
 BANK_FILENAME = "bank.safetensors"  # the file a bank repo id without a file path names
@@ -49,9 +53,10 @@ def _local(source: str | os.PathLike, revision: str | None, argument: str) -> Pa
     path = Path(source).expanduser()
     if path.exists() or not isinstance(source, str):
         if revision is not None:
+            # Worded for whoever gave it: --revision on the command line, revision= in Python.
+            given = f"--revision {revision}" if argument.startswith("--") else f"revision={revision!r}"
             raise ValueError(
-                f"{argument}={str(source)!r} is a local path; "
-                f"revision={revision!r} applies to Hub repo ids only"
+                f"{argument}={str(source)!r} is a local path; {given} applies to Hub repo ids only"
             )
         return path
     return None
@@ -172,40 +177,45 @@ def _versions() -> list[str]:
     return lines
 
 
+def _base_model_text(named_base: str | None, check: str) -> tuple[str | None, str, str, str]:
+    """For a card: the base's Hub id (or None), how to name it, what ``from_pretrained`` loads
+    (``BASE_MODEL`` when it is not a Hub id) and a note explaining that placeholder (``check``: the
+    function that checks the fingerprint)."""
+    hub_base = _hub_base_model(named_base)
+    if hub_base:
+        return hub_base, f"[{hub_base}](https://huggingface.co/{hub_base})", hub_base, ""
+    note = (
+        "\n`BASE_MODEL`: the base model it was trained on"
+        + (f" (`{named_base}`)" if named_base else "")
+        + f"; `{check}` checks its fingerprint (below).\n"
+    )
+    return None, f"`{named_base}`" if named_base else "its base model", "BASE_MODEL", note
+
+
+def _card_data(hub_base: str | None, tags: Sequence[str]) -> str:
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(
+        library_name=LIBRARY_NAME, base_model=hub_base, pipeline_tag="text-generation", tags=sorted(tags)
+    )
+    return data.to_yaml()
+
+
 def model_card(
     config: dict[str, Any], repo_id: str, *, base_model: str | None = None, tags: Sequence[str] = ()
 ) -> str:
     """The ``README.md`` of an Aligner repository: YAML metadata (``library_name``, ``base_model`` when
     it is a Hub id, tags), what the Aligner is, its base model's fingerprint and how to load it.
     ``config``: the saved ``aligner_config.json``; ``base_model`` defaults to its ``base_model``."""
-    from huggingface_hub import ModelCardData
-
     base = config["base"]
     named_base = base_model or config.get("base_model")
-    hub_base = _hub_base_model(named_base)
-    data = ModelCardData(
-        library_name=LIBRARY_NAME,
-        base_model=hub_base,
-        pipeline_tag="text-generation",
-        tags=sorted({"aligner", *tags}),
-    )
+    hub_base, made_for, load_base, note = _base_model_text(named_base, "aligner.load")
     tokens, start, last = config["num_tokens"], config["start_layer"], base["num_hidden_layers"] - 1
     parameters = config.get("num_parameters", "?")
-    load_base = hub_base or "BASE_MODEL"
-    if hub_base:
-        made_for = f"[{hub_base}](https://huggingface.co/{hub_base})"
-        note = ""
-    else:
-        made_for = f"`{named_base}`" if named_base else "its base model"
-        note = (
-            "\n`BASE_MODEL`: the base model it was trained on"
-            + (f" (`{named_base}`)" if named_base else "")
-            + "; `aligner.load` checks its fingerprint (below).\n"
-        )
     rows = "\n".join(f"| {key} | {base[key]} |" for key in FINGERPRINT_KEYS)
     versions = "\n".join(_versions())
     return f"""---
-{data.to_yaml()}
+{_card_data(hub_base, {"aligner", *tags})}
 ---
 
 # {repo_id.split("/")[-1]}
@@ -254,8 +264,9 @@ def push_to_hub(
     base_model: str | None = None,
     card: bool | str = True,
 ) -> Any:
-    """Upload the Aligner of a patched ``model`` to the Hub repository ``repo_id`` (created if needed,
-    ``private`` as given) in one commit; returns the ``CommitInfo``.
+    """Upload the Aligner of a patched ``model`` (or of a directory written by :func:`aligner.save`) to
+    the Hub repository ``repo_id`` (created if needed, ``private`` as given) in one commit; returns the
+    ``CommitInfo``.
 
     The files are those :func:`aligner.save` writes, plus ``README.md``: by default a generated card
     (see :func:`model_card`; ``base_model`` names the base's Hub id when the model was loaded from a
@@ -266,11 +277,17 @@ def push_to_hub(
     """
     from huggingface_hub import HfApi
 
-    if not is_repo_id(repo_id):
-        raise ValueError(f"repo_id={repo_id!r} is not a Hugging Face Hub repo id of the form 'owner/name'")
+    _check_repo_id(repo_id)
+    directory = Path(model) if isinstance(model, (str, os.PathLike)) else None
+    if directory is not None:
+        read_aligner(directory)  # a saved Aligner, intact (checksum, shapes), before anything is sent
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="aligner-push-") as folder:
-        save(model, folder)
+        if directory is None:
+            save(model, folder)
+        else:
+            for name in (CONFIG_NAME, WEIGHTS_NAME):
+                shutil.copyfile(directory / name, Path(folder) / name)
         if card is not False:
             text = card if isinstance(card, str) else _card(model, folder, repo_id, base_model)
             write_atomic(Path(folder) / CARD_NAME, text)
@@ -285,6 +302,154 @@ def push_to_hub(
         )
 
 
+def _check_repo_id(repo_id: str) -> None:
+    if not isinstance(repo_id, str) or not is_repo_id(repo_id):
+        raise ValueError(f"repo_id={repo_id!r} is not a Hugging Face Hub repo id of the form 'owner/name'")
+
+
 def _card(model: Any, folder: str, repo_id: str, base_model: str | None) -> str:
     tags = getattr(model, "model_tags", None) or ()  # e.g. "trl", "sft", "dpo", added by TRL's trainers
     return model_card(read_config(folder), repo_id, base_model=base_model, tags=tags)
+
+
+# --------------------------------------------------------------------------------------------
+# Banks
+
+NAMES_SHOWN = 100  # a bank card lists this many names at most (a bank may hold millions)
+
+
+def bank_card(
+    bank: Any,
+    repo_id: str,
+    *,
+    path_in_repo: str = BANK_FILENAME,
+    base_model: str | None = None,
+    tags: Sequence[str] = (),
+) -> str:
+    """The ``README.md`` of a bank repository: YAML metadata as :func:`model_card`'s, what the bank
+    holds (its Aligners' names, the first 100), its base model's fingerprint and how to use it.
+    ``bank``: an :class:`aligner.AlignerBank`; ``base_model``: the base's Hub id, if it has one."""
+    base = bank.base
+    hub_base, made_for, load_base, note = _base_model_text(base_model, "aligner.attach_bank")
+    tokens, start, last = bank.num_tokens, bank.start_layer, base["num_hidden_layers"] - 1
+    count, names = len(bank), bank.names
+    source = repo_id if path_in_repo == BANK_FILENAME else f"{repo_id}/{path_in_repo}"
+    listed = "\n".join(f"{index}. `{name}`" for index, name in enumerate(names[:NAMES_SHOWN]))
+    if count > NAMES_SHOWN:
+        listed += f"\n\n... and {count - NAMES_SHOWN:,} more (`AlignerBank.load(...).names` lists them all)."
+    rows = "\n".join(f"| {key} | {base[key]} |" for key in FINGERPRINT_KEYS)
+    dtype = str(bank.tokens.dtype).removeprefix("torch.")
+    versions = "\n".join(_versions())
+    return f"""---
+{_card_data(hub_base, {"aligner", "aligner-bank", *tags})}
+---
+
+# {repo_id.split("/")[-1]}
+
+A bank of {count:,} Aligners for {made_for} in `{path_in_repo}`, one safetensors file: each Aligner is
+{tokens} learnable token(s) shared by every layer, read through a gated prefix attention in layers
+{start}-{last} (`tokens` ({count}, {tokens}, {base["hidden_size"]}) and `gates` ({count}, {last - start + 1},
+{base["num_attention_heads"]}), {dtype}). Every row of a batch can use a different one. The base model's
+weights are not in this repository.
+
+## How to use
+
+```python
+import aligner
+from aligner import AlignerBank
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("{load_base}")
+bank = AlignerBank.load("{source}")  # memory-mapped
+aligner.attach_bank(model, bank)  # refuses a base with another fingerprint
+# batch: the tokenizer's output for two prompts; one Aligner per row (None: the base model)
+model.generate(**batch, aligner_index=bank.indices([{names[0]!r}, None]))
+with aligner.selected(model, {names[0]!r}):  # or one Aligner for every row
+    model.generate(**batch)
+```
+{note}
+## Aligners
+
+{listed}
+
+## Base model fingerprint
+
+| field | value |
+|---|---|
+{rows}
+
+| bank | value |
+|---|---|
+| Aligners | {count} |
+| num_tokens | {tokens} |
+| start_layer | {start} |
+
+## Framework versions
+
+{versions}
+"""
+
+
+def push_bank_to_hub(
+    bank: Any,
+    repo_id: str,
+    *,
+    path_in_repo: str = BANK_FILENAME,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    base_model: str | None = None,
+    card: bool | str = True,
+) -> Any:
+    """Upload a bank to the Hub repository ``repo_id`` (created if needed, ``private`` as given) in one
+    commit; returns the ``CommitInfo``.
+
+    ``bank``: a bank file (checked, then uploaded as it is: nothing is copied, however large) or an
+    :class:`aligner.AlignerBank` (saved into a temporary file first). It goes to ``path_in_repo``
+    (default ``bank.safetensors``, what ``AlignerBank.load("owner/name")`` fetches; another path is
+    loaded as ``"owner/name/PATH"``). ``README.md``: a generated card (:func:`bank_card`;
+    ``base_model``: the base's Hub id), ``card`` itself when it is a string, or none when False (an
+    existing README is then kept). Other files in the repository are left as they are.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    from .bank import AlignerBank
+
+    _check_repo_id(repo_id)
+    parts = PurePosixPath(path_in_repo).parts if isinstance(path_in_repo, str) else ("/",)
+    if not parts or parts[0] == "/" or ".." in parts or not path_in_repo.endswith(".safetensors"):
+        raise ValueError(
+            f"path_in_repo={path_in_repo!r} must be a relative path in the repository ending in .safetensors"
+        )
+    if isinstance(bank, (str, os.PathLike)):
+        file = Path(bank)
+        if not file.is_file():
+            raise FileNotFoundError(f"bank={str(bank)!r}: no such bank file")
+        loaded = AlignerBank.load(file)  # a bank, checked, before anything is sent (memory-mapped)
+    elif isinstance(bank, AlignerBank):
+        file, loaded = None, bank
+    else:
+        raise TypeError(f"bank must be an AlignerBank or the path of a bank file, got {type(bank).__name__}")
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="aligner-push-") as folder:
+        if file is None:
+            file = loaded.save(Path(folder) / BANK_FILENAME)
+        operations = [CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=str(file))]
+        if card is not False:
+            text = (
+                card
+                if isinstance(card, str)
+                else bank_card(loaded, repo_id, path_in_repo=path_in_repo, base_model=base_model)
+            )
+            operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=text.encode()))
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        return api.create_commit(
+            repo_id=repo_id,
+            operations=operations,
+            commit_message=commit_message or "Upload Aligner bank",
+            revision=revision,
+            create_pr=create_pr,
+            repo_type="model",
+        )

@@ -147,6 +147,66 @@ def test_packed_batch_rows_equal_each_aligner_alone(setup):
         start += lengths[row]
 
 
+def test_selected_runs_one_bank_aligner_on_every_row_as_if_loaded_alone(setup):
+    """aligner.selected: calls without aligner_index (what an evaluation harness makes) get one bank
+    Aligner on every row, bit for bit what the same model computes with that Aligner loaded."""
+    model, paths, bank = setup
+    model = aligner.attach_bank(copy.deepcopy(model), bank)
+    ids, mask = left_padded([5, 9, 7], seed=13)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # N > 1 needs positions from 0 (DESIGN.md)
+
+    def run(**kwargs) -> list[torch.Tensor]:
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask, position_ids=positions, **kwargs).logits
+        return [logits, *generate_logits(model, ids, mask, **kwargs)]
+
+    def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+    base = run()
+    every_row_0 = run(aligner_index=torch.zeros(3, dtype=torch.int64))
+    with aligner.selected(model, bank.names[1]):
+        chosen = run()
+        with aligner.selected(model, 0):  # blocks nest; an index works as well as a name
+            logits, sequences, _ = run()  # per-row (B, H) gates round differently: 1e-5
+            torch.testing.assert_close(logits, every_row_0[0], atol=1e-5, rtol=0)
+            assert torch.equal(sequences, every_row_0[1])
+        assert same(run(), chosen)
+        assert same(run(aligner_index=torch.zeros(3, dtype=torch.int64)), every_row_0)  # explicit rows win
+        with aligner.disabled(model):
+            assert same(run(), base)
+        with pytest.raises(ValueError, match=r"cannot detach the bank inside aligner.selected\(...\)"):
+            aligner.detach_bank(model)
+        with pytest.raises(ValueError, match="cannot attach another bank inside aligner.selected"):
+            aligner.attach_bank(model, bank)
+    assert same(run(), base)  # leaving the block restores the model's own (zero-gate) Aligner
+    assert not torch.allclose(chosen[0], base[0], atol=1e-3)
+    aligner.load(model, paths[1])  # the same model object, now with that Aligner as its own
+    assert same(run(), chosen)
+
+
+def test_selected_errors(setup1):
+    model, _, bank = setup1
+    with pytest.raises(ValueError, match="carries no Aligner"):
+        with aligner.selected(copy.deepcopy(model), 0):
+            pass
+    patched = aligner.patch(copy.deepcopy(model), num_tokens=1, start_layer=1)
+    with pytest.raises(ValueError, match=r"aligner.selected needs a bank on the model: call aligner.attach"):
+        with aligner.selected(patched, 0):
+            pass
+    aligner.attach_bank(patched, bank)
+    for choice, kind, message in [
+        ("nope", ValueError, "no Aligner named 'nope' in the bank"),
+        (3, ValueError, "aligner=3 is not an index of this bank of 3 Aligners"),
+        (-1, ValueError, "aligner=-1 is not an index"),
+        (True, TypeError, "aligner must be an Aligner's name .str. or bank index .int., got bool"),
+    ]:
+        with pytest.raises(kind, match=message):
+            with aligner.selected(patched, choice):
+                pass
+    assert aligner.hf_patch.get_state(patched).selected is None
+
+
 def test_only_the_selected_rows_are_projected(setup1):
     model, _, bank = setup1
     big = AlignerBank(bank.tokens.repeat(50, 1, 1), bank.gates.repeat(50, 1, 1),

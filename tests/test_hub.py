@@ -225,12 +225,58 @@ def test_cli_generate_with_an_aligner_from_the_hub(published, tmp_path, capsys):
     assert main(argv) == 0
 
 
+def test_cli_revision_reaches_every_hub_option(published, bank_repo, tmp_path, capsys):
+    """--revision picks the branch, tag or commit of --aligner, --bank and --init-aligner (generate,
+    train, merge), and is refused where it would be ignored."""
+    from aligner.cli import main
+
+    base = save_tiny_model(tmp_path / "base", num_hidden_layers=3, hidden_size=64, intermediate_size=96)
+    generate = ["generate", base, "--prompt", "the cat", "--max-new-tokens", "6", "--json"]
+
+    def answer(*argv) -> str:
+        assert main([str(a) for a in [*generate, *argv]]) == 0, capsys.readouterr().err
+        return json.loads(capsys.readouterr().out.splitlines()[-1])["answer"]
+
+    def error(*argv) -> str:
+        assert main([str(a) for a in argv]) == 2
+        return capsys.readouterr().err
+
+    at_v1 = answer("--aligner", tmp_path / "saved-v1")
+    assert answer("--aligner", REPO, "--revision", "v1") == at_v1
+    assert answer("--aligner", REPO, "--revision", COMMITS["v1"]) == at_v1
+    assert answer("--aligner", REPO) == answer("--aligner", tmp_path / "saved-main") != at_v1
+    # "answer" is in the bank at v1 only.
+    assert "no Aligner named 'answer'" in error(*generate, "--bank", "user/banks", "--aligner", "answer")
+    answer("--bank", "user/banks", "--revision", "v1", "--aligner", "answer")
+
+    not_cached = "at revision 'v9' is not in the local Hugging Face cache"
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"instruction": "the cat", "output": "sat"}) + "\n")
+    train = ["train", base, "--data", data, "--output-dir", tmp_path / "out"]
+    assert not_cached in error(*train, "--init-aligner", REPO, "--revision", "v9")
+    assert "--num-tokens 1 conflicts with --init-aligner" in error(
+        *train, "--init-aligner", REPO, "--revision", "v1", "--num-tokens", "1"
+    )
+    merge = ["merge", base, "--aligner", REPO, "--output-dir", tmp_path / "merged"]
+    assert not_cached in error(*merge, "--revision", "v9")
+    assert "only a 1-token Aligner merges" in error(*merge, "--revision", "v1")
+    assert "--revision v1 applies to --init-aligner given as a Hub repo id; none was given" in error(
+        *train, "--revision", "v1"
+    )
+    assert "--revision v1 applies to --aligner or --bank given as a Hub repo id" in error(
+        *generate, "--revision", "v1"
+    )
+    local = error(*generate, "--aligner", tmp_path / "saved-v1", "--revision", "v1")
+    assert "saved-v1' is a local path; --revision v1 applies to Hub repo ids only" in local
+    assert not (tmp_path / "out").exists() and not (tmp_path / "merged").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # Publishing
 
 
 class FakeHfApi:
-    """Records create_repo and writes what upload_folder uploads into ``remote/<repo_id>``."""
+    """Records create_repo and writes what upload_folder / create_commit upload into ``remote/<repo_id>``."""
 
     calls: list = []
     remote: Path
@@ -244,6 +290,16 @@ class FakeHfApi:
     def upload_folder(self, *, repo_id, folder_path, **kwargs):
         FakeHfApi.calls.append(("upload_folder", repo_id, kwargs))
         shutil.copytree(folder_path, FakeHfApi.remote / repo_id, dirs_exist_ok=True)
+        return f"commit of {repo_id}"
+
+    def create_commit(self, *, repo_id, operations, **kwargs):
+        FakeHfApi.calls.append(("create_commit", repo_id, kwargs))
+        FakeHfApi.sources = [op.path_or_fileobj for op in operations]
+        for op in operations:
+            target = FakeHfApi.remote / repo_id / op.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            data = op.path_or_fileobj
+            target.write_bytes(data if isinstance(data, bytes) else Path(data).read_bytes())
         return f"commit of {repo_id}"
 
 
@@ -311,3 +367,113 @@ def test_model_card_tags_from_trl(tmp_path):
     card = huggingface_hub.ModelCard(model_card(config, REPO, tags=model.model_tags))
     assert card.data.tags == ["aligner", "dpo", "trl"]
     assert card.data.library_name == "aligner-kernels"
+
+
+# --------------------------------------------------------------------------------------------
+# Publishing banks
+
+
+@pytest.fixture
+def bank_file(tmp_path):
+    model = aligner.patch(tiny_model(), num_tokens=1, start_layer=1)
+    paths = [aligner.save(randomize_aligner(model, seed=s), tmp_path / f"b{s}") for s in (1, 2)]
+    return AlignerBank.from_aligners(paths, names=["json", "caps"]).save(tmp_path / "mine.safetensors")
+
+
+def test_push_bank_to_hub_uploads_the_file_as_it_is_and_a_card(fake_api, hub_cache, bank_file):
+    result = aligner.push_bank_to_hub(bank_file, "user/bank", private=True, base_model="org/tiny-llama")
+    assert result == "commit of user/bank"
+    (_, _, create), (kind, _, commit) = fake_api.calls
+    assert create == {"private": True, "exist_ok": True, "repo_type": "model"}
+    assert kind == "create_commit" and commit["commit_message"] == "Upload Aligner bank"
+    assert fake_api.sources[0] == str(bank_file)  # the file itself, not a copy
+    uploaded = fake_api.remote / "user/bank"
+    assert sorted(p.name for p in uploaded.iterdir()) == ["README.md", BANK_FILENAME]
+    assert (uploaded / BANK_FILENAME).read_bytes() == bank_file.read_bytes()
+
+    card = huggingface_hub.ModelCard((uploaded / "README.md").read_text())
+    assert card.data.library_name == "aligner-kernels" and card.data.base_model == "org/tiny-llama"
+    assert card.data.tags == ["aligner", "aligner-bank"]
+    text = card.text
+    assert "A bank of 2 Aligners for [org/tiny-llama]" in text and "in layers\n1-2" in text
+    assert 'AlignerBank.load("user/bank")' in text and "bank.indices(['json', None])" in text
+    assert "0. `json`\n1. `caps`" in text and "| num_hidden_layers | 3 |" in text
+
+    # What was uploaded, served from the cache, loads back by repo id.
+    cache_repo(hub_cache, "user/bank", folder_files(uploaded), "f" * 40)
+    assert same_bank(AlignerBank.load("user/bank"), AlignerBank.load(bank_file))
+
+
+def test_push_bank_to_hub_options_and_errors(fake_api, hub_cache, bank_file, tmp_path):
+    bank = AlignerBank.load(bank_file)
+    big = AlignerBank(bank.tokens.repeat(75, 1, 1), bank.gates.repeat(75, 1, 1),
+                      [f"a{i}" for i in range(150)], bank.config)  # fmt: skip
+    aligner.push_bank_to_hub(big, "user/big", path_in_repo="banks/big.safetensors", revision="dev")
+    assert fake_api.calls[-1][2]["revision"] == "dev"
+    uploaded = fake_api.remote / "user/big"
+    card = (uploaded / "README.md").read_text()
+    assert 'AlignerBank.load("user/big/banks/big.safetensors")' in card
+    assert 'from_pretrained("BASE_MODEL")' in card
+    assert "99. `a99`\n\n... and 50 more" in card and "`a100`" not in card
+    files = {"banks/big.safetensors": (uploaded / "banks/big.safetensors").read_bytes()}
+    cache_repo(hub_cache, "user/big", files, "9" * 40)
+    assert same_bank(AlignerBank.load("user/big/banks/big.safetensors"), big)
+
+    aligner.push_bank_to_hub(bank, "user/c", card="# mine\n")
+    assert (fake_api.remote / "user/c/README.md").read_text() == "# mine\n"
+    aligner.push_bank_to_hub(bank, "user/d", card=False)
+    assert sorted(p.name for p in (fake_api.remote / "user/d").iterdir()) == [BANK_FILENAME]
+
+    calls = len(fake_api.calls)
+    expected = "must be a relative path in the repository ending in .safetensors"
+    for path in ("../x.safetensors", "/x.safetensors", "x.bin", ""):
+        with pytest.raises(ValueError, match=expected):
+            aligner.push_bank_to_hub(bank, "user/e", path_in_repo=path)
+    with pytest.raises(ValueError, match="repo_id='bank' is not a Hugging Face Hub repo id"):
+        aligner.push_bank_to_hub(bank, "bank")
+    with pytest.raises(FileNotFoundError, match="no such bank file"):
+        aligner.push_bank_to_hub(tmp_path / "none.safetensors", "user/e")
+    with pytest.raises(ValueError, match="is not an Aligner bank"):
+        aligner.push_bank_to_hub(tmp_path / "b1" / WEIGHTS_NAME, "user/e")  # an Aligner's weights
+    with pytest.raises(TypeError, match="bank must be an AlignerBank or the path of a bank file, got dict"):
+        aligner.push_bank_to_hub({}, "user/e")
+    assert len(fake_api.calls) == calls  # nothing was sent
+
+
+def test_cli_push(fake_api, bank_file, tmp_path, capsys):
+    from aligner.cli import main
+
+    def run(*argv) -> tuple[int, str, str]:
+        code = main([str(a) for a in argv])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    code, out, err = run("push", bank_file, "user/bank", "--base-model", "org/tiny-llama", "--json")
+    assert code == 0, err
+    assert json.loads(out) == {
+        "repo_id": "user/bank", "kind": "bank", "source": str(bank_file), "url": "commit of user/bank"
+    }  # fmt: skip
+    assert (fake_api.remote / "user/bank" / BANK_FILENAME).read_bytes() == bank_file.read_bytes()
+    saved = tmp_path / "b1"
+    code, out, err = run("push", saved, "user/one", "--private", "--commit-message", "first")
+    assert code == 0, err
+    assert out.strip() == f"pushed the Aligner {saved} to user/one: commit of user/one"
+    assert fake_api.calls[-2][2]["private"] is True and fake_api.calls[-1][2]["commit_message"] == "first"
+    uploaded = fake_api.remote / "user/one"
+    assert sorted(p.name for p in uploaded.iterdir()) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]
+    assert (uploaded / WEIGHTS_NAME).read_bytes() == (saved / WEIGHTS_NAME).read_bytes()
+    code, _, err = run("push", saved, "user/two", "--no-card")
+    assert code == 0 and not (fake_api.remote / "user/two/README.md").exists()
+
+    calls = len(fake_api.calls)
+    (tmp_path / "empty").mkdir()
+    for argv, message in [
+        ((tmp_path / "none", "user/x"), "none: no such file or directory; expected a saved Aligner"),
+        ((tmp_path / "empty", "user/x"), "empty: not a saved Aligner nor a bank; expected"),
+        ((saved / WEIGHTS_NAME, "user/x"), "not a saved Aligner nor a bank"),
+        ((saved, "x"), "REPO_ID 'x' is not a Hugging Face Hub repo id (owner/name)"),
+        ((saved, "user/x", "--path-in-repo", "a.safetensors"), "--path-in-repo applies to a bank"),
+    ]:
+        code, _, err = run("push", *argv)
+        assert code == 2 and message in err, (argv, err)
+    assert len(fake_api.calls) == calls  # nothing was sent
