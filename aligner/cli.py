@@ -559,29 +559,7 @@ def _config(args: argparse.Namespace, console: Console) -> Any:
     values = {name: value for name, value in vars(args).items() if name in fields}
     _check_revision(args, "init_aligner")
     _inherit_from_init_aligner(values, fields, args.revision)
-    return TrainConfig(**values, callbacks=[_console_callback(console), _last_step_logs()])
-
-
-def _last_step_logs() -> Any:
-    from transformers import TrainerCallback
-
-    class LastStepLogs(TrainerCallback):
-        """Logs the loss at the last step of a run that logged none (one shorter than
-        --logging-steps), so that metrics.jsonl holds a loss and loss_curve.png is drawn."""
-
-        def __init__(self) -> None:
-            self.logged = False
-
-        def on_log(
-            self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any
-        ) -> None:
-            self.logged = self.logged or bool(logs and "loss" in logs)
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if not self.logged and state.global_step >= state.max_steps:
-                control.should_log = True  # on every rank alike: logging gathers the loss
-
-    return LastStepLogs()
+    return TrainConfig(**values, callbacks=[_console_callback(console)])
 
 
 def _check_generation(args: argparse.Namespace) -> None:

@@ -116,3 +116,16 @@ def test_python_entry_points_are_seeded(model_dir, tmp_path):
     assert tokens[0].keys() == tokens[1].keys()
     for name in tokens[0]:
         assert torch.equal(tokens[0][name], tokens[1][name]), name
+
+
+def test_train_sft_shorter_than_logging_steps_logs_its_last_step(model_dir, tmp_path):
+    """From Python too (not only the command line), a run shorter than ``logging_steps`` logs its
+    last step's loss once and draws its loss plot."""
+    examples = sft_examples(write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS))
+    model, tokenizer = load_model(str(model_dir))
+    out = tmp_path / "out"
+    config = TrainConfig(output_dir=str(out), max_steps=2, batch_size=2, logging_steps=5, save_steps=100,
+                         progress=False)  # fmt: skip
+    train_sft(model, tokenizer, examples, config)
+    assert list(logged(out)) == [2]
+    assert (out / "loss_curve.png").stat().st_size > 1000

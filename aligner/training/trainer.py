@@ -177,10 +177,15 @@ class AlignerDPOTrainer(AlignerTrainer):
 
 class MetricsCallback(TrainerCallback):
     """Appends every log (loss, learning rate, ...) to ``metrics.jsonl`` as one JSON object a line,
-    flushed at once; on the main process only."""
+    flushed at once; on the main process only. The last step is always logged, so that a run
+    shorter than ``logging_steps`` still has a loss (and a loss plot)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step >= state.max_steps:
+            control.should_log = True
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if state.is_world_process_zero and logs:
