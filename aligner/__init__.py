@@ -9,6 +9,7 @@ from .lazy import lazy_exports
 # ``import aligner`` and ``aligner --help`` do not pay for torch, transformers or the training stack.
 _EXPORTS = {
     "AlignerBank": "bank",
+    "AlignerConfig": "config",
     "AlignerFlashAttention": "modules",
     "AlignerPrefix": "modules",
     "DisabledModel": "reference_model",
@@ -17,7 +18,7 @@ _EXPORTS = {
     "aligner_parameter_count": "serialization",
     "aligner_parameters": "hf_patch",
     "attach_bank": "bank",
-    "convert_official": "serialization",
+    "convert_official": "official",
     "detach_bank": "bank",
     "disabled": "hf_patch",
     "disabled_model": "reference_model",
@@ -29,7 +30,7 @@ _EXPORTS = {
     "project_prefix": "modules",
     "push_bank_to_hub": "hub",
     "push_to_hub": "hub",
-    "read_config": "serialization",
+    "read_config": "config",
     "save": "serialization",
     "selected": "bank",
     "trainable_parameters": "hf_patch",
@@ -39,6 +40,7 @@ _EXPORTS = {
 
 __all__ = [
     "AlignerBank",
+    "AlignerConfig",
     "AlignerFlashAttention",
     "AlignerPrefix",
     "DisabledModel",

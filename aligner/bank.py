@@ -4,8 +4,9 @@ A bank stacks K saved Aligners that share a base model, ``num_tokens`` N and ``s
 
 - ``tokens``: (K, N, hidden), the prefix tokens of every Aligner;
 - ``gates``: (K, layers, H), their gates, layers = num_hidden_layers - start_layer;
-- header metadata: the Aligner config (base fingerprint, N, start layer; the same fields and
-  checks as ``aligner_config.json``) and the names, a JSON list in bank order.
+- header metadata: the :class:`~aligner.config.AlignerConfig` (base fingerprint, N, start layer;
+  its ``to_dict``, read back with ``from_dict``, as in ``aligner_config.json``) and the names, a
+  JSON list in bank order.
 
 Loading memory-maps the file (safetensors' mmap backend): a bank of a million 1-token Aligners
 opens in about a second and costs resident memory only for the rows a batch reads. Values are
@@ -29,9 +30,10 @@ bank Aligner for every row inside :func:`selected`::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +42,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .config import AlignerConfig, fingerprint_text
 from .files import replacing
 from .hf_patch import get_state, patch
-from .serialization import (
-    FINGERPRINT_KEYS,
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    _describe,
-    base_fingerprint,
-    check_config,
-    read_aligner,
-)
+from .serialization import read_aligner
 
 CONFIG_KEY = "aligner_config"
 NAMES_KEY = "aligner_names"
@@ -60,17 +55,25 @@ class AlignerBank:
     """K Aligners stacked: ``tokens`` (K, N, hidden) and ``gates`` (K, layers, H), one name each.
 
     Build one with :meth:`from_aligners` or :meth:`load`; :meth:`add` and :meth:`remove` return a
-    new bank, :meth:`save` writes it atomically. ``config`` holds the base fingerprint
-    (``config["base"]``), ``num_tokens`` and ``start_layer``.
+    new bank, :meth:`save` writes it atomically. ``config``: the :class:`~aligner.config.AlignerConfig`
+    its Aligners share (base fingerprint, ``num_tokens``, ``start_layer``; a dict is read with
+    ``AlignerConfig.from_dict``); a bank keeps no base model name or other provenance.
     """
 
-    def __init__(self, tokens: Tensor, gates: Tensor, names: Sequence[str], config: dict[str, Any]) -> None:
-        config = check_config(dict(config), "bank config")
-        base, num_tokens = config["base"], config["num_tokens"]
-        layers = base["num_hidden_layers"] - config["start_layer"]
+    def __init__(
+        self, tokens: Tensor, gates: Tensor, names: Sequence[str], config: AlignerConfig | Mapping[str, Any]
+    ) -> None:
+        if not isinstance(config, AlignerConfig):
+            config = AlignerConfig.from_dict(config, source="bank config")
+        if config.base is None:
+            raise ValueError(
+                "a bank's config needs the base fingerprint ('base'; AlignerConfig.for_model fills it in)"
+            )
+        config = dataclasses.replace(config, base_model=None, converted_from=None)
+        base, num_tokens = config.base, config.num_tokens
         expected = {
             "tokens": (len(names), num_tokens, base["hidden_size"]),
-            "gates": (len(names), layers, base["num_attention_heads"]),
+            "gates": (len(names), len(config.layers), base["num_attention_heads"]),
         }
         for key, tensor in (("tokens", tokens), ("gates", gates)):
             if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
@@ -78,8 +81,8 @@ class AlignerBank:
             if tuple(tensor.shape) != expected[key]:
                 raise ValueError(
                     f"bank {key} has shape {tuple(tensor.shape)}, expected {expected[key]} "
-                    f"({len(names)} names, N={num_tokens}, start_layer={config['start_layer']}, "
-                    f"{_describe(base)})"
+                    f"({len(names)} names, N={num_tokens}, start_layer={config.start_layer}, "
+                    f"{fingerprint_text(base)})"
                 )
         names = list(names)
         bad = [name for name in names if not isinstance(name, str) or not name]
@@ -105,7 +108,7 @@ class AlignerBank:
     def __repr__(self) -> str:
         return (
             f"AlignerBank({len(self)} Aligners, num_tokens={self.num_tokens}, "
-            f"start_layer={self.start_layer}, {_describe(self.base)}, dtype={self.tokens.dtype})"
+            f"start_layer={self.start_layer}, {fingerprint_text(self.base)}, dtype={self.tokens.dtype})"
         )
 
     @property
@@ -114,15 +117,15 @@ class AlignerBank:
 
     @property
     def base(self) -> dict[str, Any]:
-        return self.config["base"]
+        return self.config.base
 
     @property
     def num_tokens(self) -> int:
-        return self.config["num_tokens"]
+        return self.config.num_tokens
 
     @property
     def start_layer(self) -> int:
-        return self.config["start_layer"]
+        return self.config.start_layer
 
     def _index(self) -> dict[str, int]:
         if self._lookup is None:
@@ -201,11 +204,11 @@ class AlignerBank:
         for directory in directories:
             one, tensors = read_aligner(directory)
             if config is None:
-                config = _bank_config(one)
+                config = one
             else:
-                _check_compatible(config, one, str(directory))
+                one.check_compatible(config, name=str(directory), other_name=str(directories[0]))
             tokens.append(tensors["prefix"])
-            gates.append(torch.stack([tensors[f"gate.{layer}"] for layer in _layers(config)]))
+            gates.append(torch.stack([tensors[f"gate.{layer}"] for layer in config.layers]))
         return cls(torch.stack(tokens).to(dtype), torch.stack(gates).to(dtype), names, config)
 
     def add(self, directory: str | os.PathLike, name: str | None = None) -> AlignerBank:
@@ -214,8 +217,8 @@ class AlignerBank:
         if name in self._index():
             raise ValueError(f"the bank already holds an Aligner named {name!r}; remove it first")
         config, tensors = read_aligner(directory)
-        _check_compatible(self.config, config, str(directory))
-        gates = torch.stack([tensors[f"gate.{layer}"] for layer in _layers(self.config)])
+        config.check_compatible(self.config, name=str(directory), other_name="the bank")
+        gates = torch.stack([tensors[f"gate.{layer}"] for layer in self.config.layers])
         return AlignerBank(
             torch.cat([self.tokens, tensors["prefix"][None].to(self.tokens)]),
             torch.cat([self.gates, gates[None].to(self.gates)]),
@@ -246,7 +249,7 @@ class AlignerBank:
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {
             "format": "pt",
-            CONFIG_KEY: json.dumps(self.config),
+            CONFIG_KEY: json.dumps(self.config.to_dict()),
             NAMES_KEY: json.dumps(self._names, ensure_ascii=False),
         }
         tensors = {
@@ -293,7 +296,7 @@ class AlignerBank:
             raise ValueError(f"{path}: the bank header is not valid JSON: {error}") from error
         if not isinstance(names, list):
             raise ValueError(f"{path}: {NAMES_KEY!r} must be a JSON list of names")
-        check_config(config, path)
+        config = AlignerConfig.from_dict(config, source=path)
         try:
             return cls(tensors["tokens"], tensors["gates"], names, config)
         except ValueError as error:
@@ -302,32 +305,6 @@ class AlignerBank:
 
 def _describe_value(x: Any) -> str:
     return f"shape {tuple(x.shape)} dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
-
-
-def _bank_config(config: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "base": {key: config["base"][key] for key in FINGERPRINT_KEYS},
-        "num_tokens": config["num_tokens"],
-        "start_layer": config["start_layer"],
-    }
-
-
-def _layers(config: dict[str, Any]) -> range:
-    return range(config["start_layer"], config["base"]["num_hidden_layers"])
-
-
-def _check_compatible(bank: dict[str, Any], other: dict[str, Any], where: str) -> None:
-    differing = [key for key in FINGERPRINT_KEYS if bank["base"][key] != other["base"][key]]
-    if differing:
-        raise ValueError(
-            f"{where} was made for {_describe(other['base'])} but the bank is for {_describe(bank['base'])} "
-            f"(differs in {', '.join(differing)})"
-        )
-    for key in ("num_tokens", "start_layer"):
-        if bank[key] != other[key]:
-            raise ValueError(f"{where} has {key}={other[key]} but the bank's Aligners have {key}={bank[key]}")
 
 
 def attach_bank(model: Any, bank: AlignerBank, *, backend: str | None = None) -> Any:
@@ -342,26 +319,19 @@ def attach_bank(model: Any, bank: AlignerBank, *, backend: str | None = None) ->
     """
     if not isinstance(bank, AlignerBank):
         raise TypeError(f"bank must be an AlignerBank, got {type(bank).__name__}")
-    model_base = base_fingerprint(model.config)
-    differing = [key for key in FINGERPRINT_KEYS if bank.base[key] != model_base[key]]
-    if differing:
-        raise ValueError(
-            f"the bank was made for {_describe(bank.base)} but the model is {_describe(model_base)} "
-            f"(differs in {', '.join(differing)})"
-        )
+    bank.config.check_compatible(model.config, name="the bank")
     state = getattr(model, "aligner_state", None)
     if state is not None:
         _check_not_selected(state, "attach another bank")
     if state is None:
-        patch(model, bank.num_tokens, bank.start_layer, backend=backend)
+        patch(model, config=bank.config, backend=backend)
         state = get_state(model)
-    elif (state.num_tokens, state.start_layer) != (bank.num_tokens, bank.start_layer):
-        raise ValueError(
-            f"model carries an Aligner with num_tokens={state.num_tokens}, start_layer={state.start_layer}, "
-            f"but the bank holds num_tokens={bank.num_tokens}, start_layer={bank.start_layer}"
-        )
-    elif state.merged_biases is not None:
-        raise ValueError("model's Aligner is merged into o_proj biases; call aligner.unmerge(model) first")
+    else:
+        state.config.check_compatible(bank.config, name="the model's Aligner", other_name="the bank")
+        if state.merged_biases is not None:
+            raise ValueError(
+                "model's Aligner is merged into o_proj biases; call aligner.unmerge(model) first"
+            )
     state.bank = bank
     state.memo.clear()
     return model

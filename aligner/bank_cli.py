@@ -174,16 +174,13 @@ def open_bank(path: str, base: dict[str, Any], aligner: str | None, revision: st
     """The ``--bank`` file (a Hub one at ``--revision``), checked against the model before it loads:
     made for ``base`` (the model's fingerprint, from its config alone) and, with ``--aligner NAME``,
     holding that Aligner."""
-    from .serialization import FINGERPRINT_KEYS, _describe
-
     bank = load_bank(path, "--bank", revision)
-    differing = [key for key in FINGERPRINT_KEYS if bank.base[key] != base[key]]
-    if differing:
-        raise ValueError(
-            f"--bank {path} was made for {_describe(bank.base)} but the model is {_describe(base)} "
-            f"(differs in {', '.join(differing)}); use the bank with the base model its Aligners were "
-            "trained on, or build one for this model from Aligners trained on it (aligner bank build)"
-        )
+    bank.config.check_compatible(
+        base,
+        name=f"--bank {path}",
+        advice="; use the bank with the base model its Aligners were trained on, or build one for this "
+        "model from Aligners trained on it (aligner bank build)",
+    )
     if aligner is not None:
         _index(bank, aligner, "--aligner: ")
     return bank

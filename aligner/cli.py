@@ -26,6 +26,7 @@ from typing import Any
 # Only what parsing the command line needs is imported here: torch, transformers and the training
 # stack are imported by the command that uses them, so that --help and argument errors are fast.
 from . import bank_cli
+from .config import AlignerConfig
 from .options import HelpFormatter, OptionError, cli_flag
 
 EXIT_ERROR = 2
@@ -130,8 +131,8 @@ def _output_arguments(parser: argparse.ArgumentParser, progress: bool = True) ->
 
 
 # Training flags that, when not given, take the --init-aligner Aligner's value (an Aligner's N and
-# layers cannot change); given, they must agree with it.
-INHERITED = ("num_tokens", "start_layer")
+# layers cannot change); given, they must agree with it: AlignerConfig's flags.
+INHERITED = tuple(item.name for item in dataclasses.fields(AlignerConfig) if item.metadata.get("cli", True))
 
 
 def _config_arguments(parser: argparse.ArgumentParser, command: str, **defaults: Any) -> None:
@@ -143,9 +144,16 @@ def _config_arguments(parser: argparse.ArgumentParser, command: str, **defaults:
 def _add_config_arguments(parser: argparse.ArgumentParser, command: str, defaults: dict[str, Any]) -> None:
     from .training import TrainConfig
 
-    group = parser.add_argument_group("training")
-    types = typing.get_type_hints(TrainConfig)
-    for field in dataclasses.fields(TrainConfig):
+    _add_fields(parser.add_argument_group("training"), TrainConfig, command, defaults, inherited=INHERITED)
+
+
+def _add_fields(
+    group: Any, config_class: type, command: str, defaults: dict[str, Any], inherited: Sequence[str] = ()
+) -> None:
+    """A flag for every field of the dataclass ``config_class`` (help text from its metadata) that the
+    metadata gives ``command``; ``inherited``: the fields whose default comes from --init-aligner."""
+    types = typing.get_type_hints(config_class)
+    for field in dataclasses.fields(config_class):
         meta = field.metadata
         if not meta.get("cli", True) or command not in meta.get("commands", (command,)):
             continue
@@ -166,7 +174,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser, command: str, default
             options: dict[str, Any] = {"type": kind, "help": text, "choices": meta.get("choices")}
             if meta.get("required"):
                 options["required"] = True
-            elif field.name in INHERITED:
+            elif field.name in inherited:
                 options["default"] = None  # so that an explicit value can be told from the default
                 options["help"] += f" (default: {default}; with --init-aligner, that Aligner's)"
             else:
@@ -375,8 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("path", help="saved Aligner directory, or a model")
     info.add_argument("--gguf-file", help="which GGUF file of the model directory to read")
-    info.add_argument("--num-tokens", type=int, default=1, help="Aligner tokens to price")
-    info.add_argument("--start-layer", type=int, default=2, help="first Aligner layer to price")
+    _add_fields(info.add_argument_group("the Aligner to price"), AlignerConfig, "info", {})
     _output_arguments(info, progress=False)
 
     push = _command(commands, "push", "upload a saved Aligner or a bank to the Hugging Face Hub", PUSH_HELP)
@@ -508,12 +515,8 @@ def _check_training(args: argparse.Namespace, config: Any, command: str) -> None
     from .training.run import check_resumable, resume_checkpoint, run_info
 
     base = _check_model(args, config.init_aligner)
-    layers = base["num_hidden_layers"]
-    if config.init_aligner is None and config.start_layer >= layers:
-        raise OptionError(
-            f"{{start_layer}} must be in [0, {layers}) for this {layers}-layer model, "
-            f"got {config.start_layer}"
-        )
+    if config.init_aligner is None:  # the OptionError says, e.g., that --start-layer is past the last layer
+        AlignerConfig(config.num_tokens, config.start_layer, base=base)
     if _is_main_process():
         checkpoint = resume_checkpoint(config)
         resumes_here = checkpoint is not None and checkpoint.parent == Path(config.output_dir)
@@ -534,20 +537,18 @@ def _inherit_from_init_aligner(
     """The INHERITED options not given take the --init-aligner Aligner's values (else ``defaults``);
     given, they must agree with it: an explicit --num-tokens 2 is never silently replaced. A Hub
     --init-aligner is fetched at ``revision``."""
-    from .serialization import read_config
-
     init = values.get("init_aligner")
     saved = None
     if init is not None:
         init = values["init_aligner"] = _local_aligner(init, "--init-aligner", revision)
-        saved = read_config(init)
+        saved = AlignerConfig.from_pretrained(init)
     for name in INHERITED:
         if values.get(name) is None:
-            values[name] = defaults[name] if saved is None else saved[name]
-        elif saved is not None and values[name] != saved[name]:
+            values[name] = defaults[name] if saved is None else getattr(saved, name)
+        elif saved is not None and values[name] != getattr(saved, name):
             raise OptionError(
                 f"{{{name}}} {values[name]} conflicts with {{init_aligner}} {init}: that Aligner has "
-                f"{name} {saved[name]}; leave {{{name}}} out to use the Aligner's, or drop "
+                f"{name} {getattr(saved, name)}; leave {{{name}}} out to use the Aligner's, or drop "
                 "{init_aligner} to train a fresh Aligner"
             )
 
@@ -866,15 +867,13 @@ def cmd_push(args: argparse.Namespace, console: Console) -> None:
 
 
 def cmd_merge(args: argparse.Namespace, console: Console) -> None:
+    from .hf_patch import merged_model
     from .outputs import OutputDir, check_output_dir
-    from .serialization import merged_model, read_config, save_pretrained_owned
 
     args.aligner = _local_aligner(args.aligner, "--aligner", args.revision)
-    config = read_config(args.aligner)
-    if config is not None and config["num_tokens"] != 1:
-        raise ValueError(
-            f"--aligner {args.aligner} has {config['num_tokens']} tokens; only a 1-token Aligner merges"
-        )
+    num_tokens = AlignerConfig.from_pretrained(args.aligner).num_tokens
+    if num_tokens != 1:
+        raise ValueError(f"--aligner {args.aligner} has {num_tokens} tokens; only a 1-token Aligner merges")
     inputs = [args.aligner, args.model, Path(args.model).parent if args.model.endswith(".gguf") else None]
     check_output_dir(args.output_dir, "merge", overwrite=args.overwrite, inputs=inputs)
     args.revision = None  # --aligner is a local directory by now
@@ -882,7 +881,7 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> None:
     model, tokenizer = _with_aligner(args)
     layers = merged_model(model)
     output = OutputDir.claim(args.output_dir, "merge", overwrite=args.overwrite, inputs=inputs)
-    files = save_pretrained_owned(output, model, tokenizer)
+    files = output.save_pretrained(model, tokenizer)
     output.give_usual_mode(*files)  # save_pretrained leaves model.safetensors 0600
     console.emit(
         {"output_dir": args.output_dir, "merged_layers": layers, "files": files},
@@ -892,14 +891,10 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> None:
 
 
 def cmd_convert(args: argparse.Namespace, console: Console) -> None:
+    from .config import CONFIG_NAME, WEIGHTS_NAME
+    from .official import convert_official, read_official
     from .outputs import OutputDir, check_output_dir
-    from .serialization import (
-        CONFIG_NAME,
-        WEIGHTS_NAME,
-        aligner_parameter_count,
-        convert_official,
-        read_official,
-    )
+    from .serialization import aligner_parameter_count
 
     checkpoint = Path(args.checkpoint)
     check_output_dir(args.output_dir, "convert", overwrite=args.overwrite, inputs=[checkpoint.parent])
@@ -917,7 +912,7 @@ def cmd_convert(args: argparse.Namespace, console: Console) -> None:
 
 
 def cmd_info(args: argparse.Namespace, console: Console) -> None:
-    from .serialization import CONFIG_NAME, describe_aligner, describe_base
+    from .config import CONFIG_NAME
     from .training.models import base_config_fingerprint
 
     path = Path(args.path)
@@ -951,6 +946,39 @@ def cmd_info(args: argparse.Namespace, console: Console) -> None:
             f"{cost['parameters']} parameters"
         )
     console.emit(info, text)
+
+
+def describe_aligner(directory: str | os.PathLike) -> dict[str, Any]:
+    """A saved Aligner in short (``aligner info``): its base, tokens, layers (as a range "first-last")
+    and parameter count."""
+    from .serialization import aligner_parameter_count
+
+    config = AlignerConfig.from_pretrained(directory)
+    first, last = config.layers[0], config.layers[-1]
+    return {
+        "aligner": str(directory),
+        "base_model": config.base_model,
+        "base": config.base,
+        "num_tokens": config.num_tokens,
+        "layers": f"{first}-{last}" if first < last else str(last),
+        "num_layers": len(config.layers),
+        "parameters": aligner_parameter_count(directory),
+    }
+
+
+def describe_base(base: dict[str, Any], num_tokens: int = 1, start_layer: int = 2) -> dict[str, Any]:
+    """A base model (its fingerprint) and what an Aligner of ``num_tokens`` tokens from layer
+    ``start_layer`` on costs in parameters (``aligner info MODEL``)."""
+    config = AlignerConfig(num_tokens, start_layer, base=base)  # OptionError naming a bad flag
+    layers = config.layers
+    return {
+        **base,
+        "aligner": {
+            "num_tokens": num_tokens,
+            "layers": f"{layers[0]}-{layers[-1]}",
+            "parameters": config.num_parameters,
+        },
+    }
 
 
 COMMANDS = {

@@ -29,6 +29,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import hf_compat
 from .attention import aligner_attention
+from .config import AlignerConfig
 from .modules import AlignerFlashAttention, AlignerPrefix, is_quantized, project_prefix
 from .padding import is_packed, packed_sequences
 
@@ -79,8 +80,8 @@ class Memo:
 class AlignerState:
     """What ``patch`` changed, kept on the model so that ``unpatch`` can restore it exactly."""
 
-    num_tokens: int
-    start_layer: int
+    # The Aligner's config, its base fingerprint filled in from the model.
+    config: AlignerConfig
     # The attention implementation the Aligner's prefix term is added to: the model's own
     # ("sdpa", "eager", "flash_attention_2"...), which it runs again after ``unpatch``.
     main_attn_implementation: str
@@ -100,6 +101,14 @@ class AlignerState:
     memo: Memo = field(default_factory=Memo)
     # The forward pre-hook that follows ``set_attn_implementation`` (removed by ``unpatch``).
     hook: Any = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.config.num_tokens
+
+    @property
+    def start_layer(self) -> int:
+        return self.config.start_layer
 
     @property
     def active(self) -> bool:
@@ -338,9 +347,10 @@ def _check_supported(model: PreTrainedModel) -> dict[int, nn.Module]:
 
 def patch(
     model: PreTrainedModel,
-    num_tokens: int = 1,
-    start_layer: int = 2,
+    num_tokens: int | None = None,
+    start_layer: int | None = None,
     *,
+    config: AlignerConfig | None = None,
     init_std: float = 1.0,
     backend: str | None = None,
 ) -> PreTrainedModel:
@@ -349,35 +359,44 @@ def patch(
     Freezes every base parameter, adds one shared ``AlignerPrefix`` (``model.aligner_prefix``,
     num_tokens x hidden, fp32) and a zero-initialised per-head gate to the attention of every
     layer >= ``start_layer``, and routes attention through the fused Aligner attention.
-    ``backend`` is passed to :func:`aligner.aligner_attention` ("auto" by default).
+    ``config``: an :class:`~aligner.config.AlignerConfig` instead of ``num_tokens`` / ``start_layer``
+    (those given as well must agree with it; neither: N = 1 from layer 2); a config that names a base
+    must match the model's. ``backend`` is passed to :func:`aligner.aligner_attention` ("auto" by
+    default).
     """
     if hasattr(model, "aligner_state"):
         raise ValueError("model already carries an Aligner; call aligner.unpatch(model) first")
+    given = {"num_tokens": num_tokens, "start_layer": start_layer}
+    given = {name: value for name, value in given.items() if value is not None}
+    if config is None:
+        config = AlignerConfig(**given)
+    elif not isinstance(config, AlignerConfig):
+        raise TypeError(f"config must be an AlignerConfig, got {type(config).__name__}")
+    for name, value in given.items():
+        if value != getattr(config, name):
+            raise ValueError(
+                f"{name}={value!r} conflicts with config.{name}={getattr(config, name)!r}; give one of them"
+            )
     layers = _check_supported(model)
-    config = model.config
-    if not 0 <= start_layer < config.num_hidden_layers:
-        raise ValueError(f"start_layer must be in [0, {config.num_hidden_layers}), got {start_layer}")
-    if num_tokens < 1:
-        raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+    config = config.for_model(model.config)  # checks start_layer against the model's layers
 
     main = hf_compat.attn_implementation(model)
     state = AlignerState(
-        num_tokens=num_tokens,
-        start_layer=start_layer,
+        config=config,
         main_attn_implementation=main,
         original_requires_grad={name: p.requires_grad for name, p in model.named_parameters()},
         backend=backend,
     )
     model.requires_grad_(False)
     device = model.get_input_embeddings().weight.device
-    prefix = AlignerPrefix(num_tokens, config.hidden_size, init_std=init_std).to(device)
+    prefix = AlignerPrefix(config.num_tokens, model.config.hidden_size, init_std=init_std).to(device)
     model.aligner_prefix = prefix
     for index, attn in layers.items():
         attn.aligner_backend = backend  # every layer, those without an Aligner included
         attn.aligner_model_state = state
         attn.aligner_memo = Memo()  # this layer's projected prefix, per weights version or bank selection
-        if index >= start_layer:
-            attn.aligner = AlignerFlashAttention(config.num_attention_heads, backend=backend).to(
+        if index in config.layers:
+            attn.aligner = AlignerFlashAttention(model.config.num_attention_heads, backend=backend).to(
                 attn.o_proj.weight.device
             )
             attn.aligner.attach(prefix)
@@ -524,3 +543,35 @@ def unmerge(model: PreTrainedModel) -> PreTrainedModel:
                 attn.o_proj.bias.copy_(original)
     state.merged_biases = None
     return model
+
+
+def merged_model(model: PreTrainedModel) -> list[int]:
+    """Turn a model carrying a 1-token Aligner into a plain transformers model: the Aligner is folded
+    into the o_proj biases (:func:`merge`), the patch is removed, and zero q/k/v biases are added with
+    ``config.attention_bias = True`` so that ``from_pretrained`` rebuilds it without this package.
+    Returns the layers whose bias changed. The model is changed in place."""
+    state = get_state(model)
+    if state.num_tokens != 1:
+        raise ValueError(f"the model's Aligner has {state.num_tokens} tokens; only a 1-token Aligner merges")
+    if not hasattr(model.config, "attention_bias"):
+        raise ValueError(
+            f"model type {model.config.model_type!r} has no attention_bias setting, so a merged o_proj bias "
+            "could not be saved as a plain transformers model"
+        )
+    layers = dict(state.layers)
+    merge(model)
+    biases = {index: attn.o_proj.bias.detach().clone() for index, attn in layers.items()}
+    unpatch(model)  # restores the original biases; the merged ones are put back below as plain parameters
+    with torch.no_grad():
+        for index, attn in attention_layers(model).items():
+            for name in PROJECTIONS:
+                linear = getattr(attn, name)
+                if linear.bias is None:
+                    weight = linear.weight
+                    linear.bias = nn.Parameter(
+                        torch.zeros(linear.out_features, dtype=weight.dtype, device=weight.device)
+                    )
+            if index in biases:
+                attn.o_proj.bias.copy_(biases[index])
+    model.config.attention_bias = True
+    return sorted(biases)

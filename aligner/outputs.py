@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .files import write_atomic
+from .files import sync_directory, write_atomic
 from .options import OptionError
 
 MANIFEST_NAME = "aligner_output.json"
@@ -255,6 +256,30 @@ class OutputDir:
             target.unlink()
         self._manifest["files"] = [entry for entry in self._manifest["files"] if entry != name]
         self._save()
+
+    def save_pretrained(self, *savers: Any) -> list[str]:
+        """``save_pretrained`` every one of ``savers`` (model, tokenizer) into the directory without
+        deleting anything there: they write into a staging directory, then each file is recorded in the
+        manifest and renamed into place (each replaced atomically). Returns the file names."""
+        staging_name = f".staging-{secrets.token_hex(4)}"
+        self.own(staging_name)
+        staging = self.path / staging_name
+        try:
+            for saver in savers:
+                saver.save_pretrained(staging)
+            names = sorted(p.name for p in staging.iterdir())
+            nested = [name for name in names if (staging / name).is_dir()]
+            if nested:
+                raise ValueError(
+                    f"save_pretrained wrote directories ({', '.join(nested)}); expected files only"
+                )
+            self.own(*names)
+            for name in names:
+                os.replace(staging / name, self.path / name)
+            sync_directory(self.path)
+        finally:
+            self.remove(staging_name)
+        return names
 
     def _save(self) -> None:
         write_atomic(self.path / MANIFEST_NAME, json.dumps(self._manifest, indent=2) + "\n")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import aligner
-from aligner import AlignerBank
+from aligner import AlignerBank, AlignerConfig
 
 try:
     from .answer_forms import (
@@ -59,8 +59,6 @@ def resident_mb() -> float:
 
 def random_bank(model, size: int, dtype: torch.dtype, seed: int = 0) -> AlignerBank:
     """``size`` random 1-token Aligners for ``model`` (tokens N(0, 1), gates N(0, 0.05)), in chunks."""
-    from aligner.serialization import FORMAT_NAME, FORMAT_VERSION, base_fingerprint
-
     config = model.config
     start_layer, heads = 2, config.num_attention_heads
     gen = torch.Generator().manual_seed(seed)
@@ -70,10 +68,7 @@ def random_bank(model, size: int, dtype: torch.dtype, seed: int = 0) -> AlignerB
         end = min(begin + 65536, size)
         tokens[begin:end] = torch.randn(end - begin, *tokens.shape[1:], generator=gen)
         gates[begin:end] = 0.05 * torch.randn(end - begin, *gates.shape[1:], generator=gen)
-    bank_config = {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "base": base_fingerprint(config),
-        "num_tokens": 1, "start_layer": start_layer,
-    }  # fmt: skip
+    bank_config = AlignerConfig(num_tokens=1, start_layer=start_layer).for_model(config)
     return AlignerBank(tokens, gates, [f"user-{i:07d}" for i in range(size)], bank_config)
 
 

@@ -273,15 +273,19 @@ def test_bank_errors(setup1, tmp_path):
     with pytest.raises(ValueError, match=r"bank was made for .* \(differs in num_key_value_heads\)"):
         aligner.attach_bank(other_base, bank)
     other_n = aligner.patch(copy.deepcopy(model), num_tokens=bank.num_tokens + 1, start_layer=1)
-    with pytest.raises(ValueError, match="num_tokens=.* but the bank holds"):
+    with pytest.raises(ValueError, match="the model's Aligner has num_tokens=.* but the bank has"):
         aligner.attach_bank(other_n, bank)
 
     n_dir = save_random_aligners(model, tmp_path / "n", 1, bank.num_tokens + 1)[0]
     layer_dir = save_random_aligners(model, tmp_path / "l", 1, bank.num_tokens, start_layer=2)[0]
     base_dir = save_random_aligners(other_base, tmp_path / "b", 1, bank.num_tokens)[0]
-    with pytest.raises(ValueError, match=f"has num_tokens={bank.num_tokens + 1} but the bank's"):
+    with pytest.raises(
+        ValueError, match=f"has num_tokens={bank.num_tokens + 1}, start_layer=1, but the bank"
+    ):
         bank.add(n_dir, name="other")
-    with pytest.raises(ValueError, match="has start_layer=2 but the bank's Aligners have start_layer=1"):
+    with pytest.raises(
+        ValueError, match=r"has num_tokens=\d, start_layer=2, but .* has num_tokens=\d, start_layer=1"
+    ):
         AlignerBank.from_aligners([paths[0], layer_dir])
     with pytest.raises(ValueError, match="differs in num_key_value_heads"):
         AlignerBank.from_aligners([paths[0], base_dir])

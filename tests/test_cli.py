@@ -453,7 +453,7 @@ def test_checks_before_the_model_loads(model_dir, trained, tmp_path, capsys, no_
     cases = [
         ([*train, "--max-steps", "0"], "--max-steps must be >= 1 (or -1 to train --epochs epochs), got 0"),
         ([*train, "--lr", "0"], "--lr must be a finite number > 0"),
-        ([*train, "--start-layer", "4"], "--start-layer must be in [0, 4) for this 4-layer model, got 4"),
+        ([*train, "--start-layer", "4"], "--start-layer must be in [0, 4) for a 4-layer model, got 4"),
         ([*train, "--bf16", "--fp16"], "--bf16 and --fp16 exclude each other"),
         ([*train, "--init-aligner", tmp_path / "nowhere"], "--init-aligner"),
         ([*train, "--init-aligner", other], f"was made for {other_dir} (llama hidden_size=48"),
@@ -882,7 +882,7 @@ def test_help_shows_every_default(capsys):
                      '"aligner": null: the base model', "(default: float32)"],
         "train": ["learning rate (default: 0.009)", "Aligner prefix tokens N (default: 1; with --init-",
                   "log the loss every this many steps (default: 5)"],
-        "info": ["first Aligner layer to price (default: 2)"],
+        "info": ["first layer with an Aligner (default: 2)", "Aligner prefix tokens N (default: 1)"],
     }  # fmt: skip
     for command, texts in expected.items():
         with pytest.raises(SystemExit):

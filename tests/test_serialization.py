@@ -12,12 +12,13 @@ from safetensors.torch import load_file, save_file
 from tiny_models import llama2_7b_on_meta, randomize_aligner, tiny_model
 
 from aligner import files, serialization
+from aligner.cli import describe_aligner, describe_base
 from aligner.hf_patch import aligner_parameters, merge, patch
+from aligner.official import convert_official
 from aligner.serialization import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     aligner_parameter_count,
-    convert_official,
     load,
     read_config,
     save,
@@ -256,14 +257,14 @@ def test_mismatched_base_error_names_the_base_and_needs_only_its_config(tmp_path
         ValueError, match=r"made for org/my-base \(llama hidden_size=32 .*differs in hidden_size"
     ):
         serialization.check_base(tmp_path, serialization.base_fingerprint(other))
-    assert serialization.check_base(tmp_path, serialization.base_fingerprint(model.config))["num_tokens"] == 1
+    assert serialization.check_base(tmp_path, serialization.base_fingerprint(model.config)).num_tokens == 1
 
 
 def test_describe_aligner_gives_a_layer_range(tmp_path):
     save(trained(base_model(num_hidden_layers=6), start_layer=2), tmp_path)
-    info = serialization.describe_aligner(tmp_path)
+    info = describe_aligner(tmp_path)
     assert (info["layers"], info["num_layers"], info["parameters"]) == ("2-5", 4, 32 + 4 * 4)
-    cost = serialization.describe_base(serialization.base_fingerprint(base_model().config), 10, 1)["aligner"]
+    cost = describe_base(serialization.base_fingerprint(base_model().config), 10, 1)["aligner"]
     assert cost == {"num_tokens": 10, "layers": "1-3", "parameters": 10 * 32 + 3 * 4}
 
 
@@ -325,7 +326,7 @@ def test_bad_config_values(tmp_path):
     with pytest.raises(ValueError, match="'num_tokens' must be a positive integer"):
         load(base_model(), tmp_path)
     rewrite_config(tmp_path, num_tokens=1, start_layer=4)
-    with pytest.raises(ValueError, match=r"'start_layer' must be an integer in \[0, 4\)"):
+    with pytest.raises(ValueError, match=r"'start_layer' must be in \[0, 4\) for a 4-layer model, got 4"):
         load(base_model(), tmp_path)
 
 

@@ -1,6 +1,7 @@
 """``TrainConfig``: the options of a training run, the one source of the training command-line flags
 (each field's help text is in its metadata, as PEFT's configs do; ``aligner.cli`` builds the flags
-from them)."""
+from them). The Aligner's own fields (``num_tokens``, ``start_layer``) are ``AlignerConfig``'s: their
+defaults, help and checks come from there."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from transformers import SchedulerType, TrainerCallback
 
+from ..config import AlignerConfig
 from ..options import OptionError
 
 SCHEDULERS = tuple(kind.value for kind in SchedulerType)
@@ -21,6 +23,13 @@ def option(default: Any = None, help: str = "", *, resumable: bool = True, **met
     have the flag; all by default), ``cli=False`` (no flag)."""
     kind = {"default_factory": default} if callable(default) else {"default": default}
     return field(**kind, metadata={"help": help, "fingerprint": not resumable, **metadata})
+
+
+def aligner_option(name: str) -> Any:
+    """A ``TrainConfig`` field that is ``AlignerConfig``'s field ``name`` (its default and help); the
+    Aligner's shape cannot change on resume."""
+    source = next(item for item in fields(AlignerConfig) if item.name == name)
+    return option(source.default, source.metadata["help"], resumable=False)
 
 
 @dataclass
@@ -41,8 +50,8 @@ class TrainConfig:
         "continue the run in the output directory from its last checkpoint, or from the given checkpoint "
         "directory (same base model, data and settings required)",
     )
-    num_tokens: int = option(1, "Aligner prefix tokens N", resumable=False)
-    start_layer: int = option(2, "first layer with an Aligner", resumable=False)
+    num_tokens: int = aligner_option("num_tokens")
+    start_layer: int = aligner_option("start_layer")
     init_aligner: str | None = option(
         None, "start from this saved Aligner instead of a fresh one", resumable=False
     )
@@ -68,15 +77,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.output_dir:
             raise OptionError("{output_dir} is required: where the Aligner and its checkpoints go")
-        positive = ("num_tokens", "batch_size", "grad_accum", "max_length", "logging_steps", "save_steps")
+        self.aligner_config()  # num_tokens and start_layer
+        positive = ("batch_size", "grad_accum", "max_length", "logging_steps", "save_steps")
         for name in (*positive, "save_total_limit"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OptionError(f"{{{name}}} must be an integer >= 1, got {value!r}")
-        for name in ("start_layer", "warmup_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise OptionError(f"{{{name}}} must be an integer >= 0, got {value!r}")
+        warmup = self.warmup_steps
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise OptionError(f"{{warmup_steps}} must be an integer >= 0, got {warmup!r}")
         if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps == 0:
             raise OptionError(
                 f"{{max_steps}} must be >= 1 (or -1 to train {{epochs}} epochs), got {self.max_steps!r}"
@@ -99,6 +108,10 @@ class TrainConfig:
             raise OptionError("{bf16} and {fp16} exclude each other: choose one mixed precision")
         if self.overwrite and self.resume:
             raise OptionError("{overwrite} and {resume} exclude each other: start over or continue, not both")
+
+    def aligner_config(self) -> AlignerConfig:
+        """The Aligner a fresh run patches in (``init_aligner`` brings its own)."""
+        return AlignerConfig(num_tokens=self.num_tokens, start_layer=self.start_layer)
 
     def fingerprint(self) -> dict[str, Any]:
         """The values that must be the same for a run to be resumed."""

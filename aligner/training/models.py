@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
+from ..config import base_fingerprint
 from ..options import OptionError
-from ..serialization import base_fingerprint
 from .data import Messages, format_prompt
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -135,7 +135,7 @@ def gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def base_config_fingerprint(model: str, gguf_file: str | None = None) -> dict[str, Any]:
-    """The base fingerprint (:func:`aligner.serialization.base_fingerprint`) of a model, from its
+    """The base fingerprint (:func:`aligner.config.base_fingerprint`) of a model, from its
     config alone (``config.json``, or a GGUF header): no weights are loaded."""
     from transformers import AutoConfig
 

@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from transformers import TrainingArguments, set_seed
 
+from ..config import CONFIG_NAME, WEIGHTS_NAME, base_fingerprint
 from ..files import append_line, write_atomic
 from ..hf_patch import patch, trainable_parameters
 from ..options import OptionError
 from ..outputs import OutputDir, read_manifest
-from ..serialization import CONFIG_NAME, WEIGHTS_NAME, base_fingerprint, load, save
+from ..serialization import load, save
 from .config import TrainConfig
 from .data import (
     DataError,
@@ -60,7 +61,7 @@ def attach_aligner(model: Any, config: TrainConfig) -> Any:
     # The prefix's N(0, 1) draw comes before the Trainer seeds its run: without this, the same seed
     # started from another random state and gave another Aligner.
     set_seed(config.seed)
-    return patch(model, config.num_tokens, config.start_layer)
+    return patch(model, config=config.aligner_config())
 
 
 def training_arguments(config: TrainConfig) -> TrainingArguments:
