@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -201,6 +201,27 @@ def _card_data(hub_base: str | None, tags: Sequence[str]) -> str:
     return data.to_yaml()
 
 
+def _closing_sections(base: Mapping[str, Any], what: str, **shape: Any) -> str:
+    """The cards' last sections: the base model's fingerprint, ``what``'s shape, framework versions."""
+    rows = "\n".join(f"| {key} | {base[key]} |" for key in FINGERPRINT_KEYS)
+    shape_rows = "\n".join(f"| {key} | {value} |" for key, value in shape.items())
+    versions = "\n".join(_versions())
+    return f"""## Base model fingerprint
+
+| field | value |
+|---|---|
+{rows}
+
+| {what} | value |
+|---|---|
+{shape_rows}
+
+## Framework versions
+
+{versions}
+"""
+
+
 def model_card(
     config: dict[str, Any], repo_id: str, *, base_model: str | None = None, tags: Sequence[str] = ()
 ) -> str:
@@ -212,8 +233,6 @@ def model_card(
     hub_base, made_for, load_base, note = _base_model_text(named_base, "aligner.load")
     tokens, start, last = config["num_tokens"], config["start_layer"], base["num_hidden_layers"] - 1
     parameters = config.get("num_parameters", "?")
-    rows = "\n".join(f"| {key} | {base[key]} |" for key in FINGERPRINT_KEYS)
-    versions = "\n".join(_versions())
     return f"""---
 {_card_data(hub_base, {"aligner", *tags})}
 ---
@@ -234,22 +253,7 @@ model = AutoModelForCausalLM.from_pretrained("{load_base}")
 aligner.load(model, "{repo_id}")  # patches the model; refuses a base with another fingerprint
 ```
 {note}
-## Base model fingerprint
-
-| field | value |
-|---|---|
-{rows}
-
-| Aligner | value |
-|---|---|
-| num_tokens | {tokens} |
-| start_layer | {start} |
-| parameters | {parameters} |
-
-## Framework versions
-
-{versions}
-"""
+{_closing_sections(base, "Aligner", num_tokens=tokens, start_layer=start, parameters=parameters)}"""
 
 
 def push_to_hub(
@@ -337,9 +341,7 @@ def bank_card(
     listed = "\n".join(f"{index}. `{name}`" for index, name in enumerate(names[:NAMES_SHOWN]))
     if count > NAMES_SHOWN:
         listed += f"\n\n... and {count - NAMES_SHOWN:,} more (`AlignerBank.load(...).names` lists them all)."
-    rows = "\n".join(f"| {key} | {base[key]} |" for key in FINGERPRINT_KEYS)
     dtype = str(bank.tokens.dtype).removeprefix("torch.")
-    versions = "\n".join(_versions())
     return f"""---
 {_card_data(hub_base, {"aligner", "aligner-bank", *tags})}
 ---
@@ -372,22 +374,7 @@ with aligner.selected(model, {names[0]!r}):  # or one Aligner for every row
 
 {listed}
 
-## Base model fingerprint
-
-| field | value |
-|---|---|
-{rows}
-
-| bank | value |
-|---|---|
-| Aligners | {count} |
-| num_tokens | {tokens} |
-| start_layer | {start} |
-
-## Framework versions
-
-{versions}
-"""
+{_closing_sections(base, "bank", Aligners=count, num_tokens=tokens, start_layer=start)}"""
 
 
 def push_bank_to_hub(

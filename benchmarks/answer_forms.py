@@ -258,3 +258,17 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
 
 def base_model_cache(args: argparse.Namespace, model: Any) -> BaseModelCache:
     return BaseModelCache(None if args.no_cache else args.cache_dir, model)
+
+
+def cached_answers(
+    cache: BaseModelCache, model: Any, tokenizer: Any, args: argparse.Namespace
+) -> dict[str, str]:
+    """The base model's answer to every instruction of the demos' sets (cut to ``args.limit``), by
+    instruction: from ``cache`` when it holds them, else generated (``args.answer_tokens`` tokens,
+    batches of ``args.gen_batch_size``)."""
+    everything = [i for rows in instruction_sets(args.limit or None).values() for i in rows]
+    answers = cache.get(
+        "answers", {"instructions": everything, "tokens": args.answer_tokens},
+        lambda: base_answers(model, tokenizer, everything, args.answer_tokens, args.gen_batch_size),
+    )  # fmt: skip
+    return dict(zip(everything, answers))

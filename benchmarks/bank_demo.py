@@ -26,8 +26,8 @@ from answer_forms import (
     FORMS,
     START_LAYER,
     add_cache_arguments,
-    base_answers,
     base_model_cache,
+    cached_answers,
     compliance,
     instruction_sets,
     load_demo_model,
@@ -63,12 +63,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_demo_model(args.model)
     sets = instruction_sets(args.limit or None)
-    everything = [i for rows in sets.values() for i in rows]
-    cache = base_model_cache(args, model)
-    answers = dict(zip(everything, cache.get(
-        "answers", {"instructions": everything, "tokens": args.answer_tokens},
-        lambda: base_answers(model, tokenizer, everything, args.answer_tokens, args.gen_batch_size),
-    )))  # fmt: skip
+    answers = cached_answers(base_model_cache(args, model), model, tokenizer, args)
     train = [i for i in sets["train"] if answers[i]]  # drop empty answers
 
     summaries = {}

@@ -20,30 +20,22 @@ import time
 from pathlib import Path
 
 import torch
+from answer_forms import (
+    CARRY_INSTRUCTIONS,
+    HELDOUT_INSTRUCTIONS,
+    SMOLLM2_GGUF,
+    TRAIN_INSTRUCTIONS,
+    messages,
+    smollm2_directory,
+)
 
 import aligner
 from aligner import AlignerBank, AlignerConfig
 
 try:
-    from .answer_forms import (
-        CARRY_INSTRUCTIONS,
-        HELDOUT_INSTRUCTIONS,
-        SMOLLM2_GGUF,
-        TRAIN_INSTRUCTIONS,
-        messages,
-        smollm2_directory,
-    )
     from .common import benchmark_parser, run_and_record, timed_call
     from .models import load_model
 except ImportError:
-    from answer_forms import (
-        CARRY_INSTRUCTIONS,
-        HELDOUT_INSTRUCTIONS,
-        SMOLLM2_GGUF,
-        TRAIN_INSTRUCTIONS,
-        messages,
-        smollm2_directory,
-    )
     from common import benchmark_parser, run_and_record, timed_call
     from models import load_model
 

@@ -28,6 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from answer_forms import (
+    FORMS,
+    HELDOUT_INSTRUCTIONS,
+    SMOLLM2_GGUF,
+    TRAIN_INSTRUCTIONS,
+    base_answers,
+    compliance,
+    messages,
+    smollm2_directory,
+    target_loss,
+)
 from transformers import Trainer, TrainingArguments
 
 from aligner.files import write_atomic
@@ -36,30 +47,8 @@ from aligner.training.data import format_prompt, sft_collator, tokenize_pair
 from aligner.training.trainer import AlignerTrainer
 
 try:  # as a module of the benchmarks package, or as a script
-    from .answer_forms import (
-        FORMS,
-        HELDOUT_INSTRUCTIONS,
-        SMOLLM2_GGUF,
-        TRAIN_INSTRUCTIONS,
-        base_answers,
-        compliance,
-        messages,
-        smollm2_directory,
-        target_loss,
-    )
     from .models import with_method
 except ImportError:
-    from answer_forms import (
-        FORMS,
-        HELDOUT_INSTRUCTIONS,
-        SMOLLM2_GGUF,
-        TRAIN_INSTRUCTIONS,
-        base_answers,
-        compliance,
-        messages,
-        smollm2_directory,
-        target_loss,
-    )
     from models import with_method
 
 RESULTS = Path(__file__).parent / "results"
