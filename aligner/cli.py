@@ -834,7 +834,8 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> None:
 
 
 def cmd_push(args: argparse.Namespace, console: Console) -> None:
-    from .hub import BANK_FILENAME, is_repo_id, push_bank_to_hub, push_to_hub
+    from .hub import BANK_FILENAME, is_repo_id
+    from .publish import push_bank_to_hub, push_to_hub
     from .serialization import CONFIG_NAME
 
     source = Path(args.source)

@@ -231,7 +231,7 @@ def load(model, directory: str | os.PathLike, *, backend: str | None = None, rev
     :func:`aligner.hf_patch.patch`. Aligner parameters on the meta device are refused (copying into
     them would silently do nothing).
     """
-    from .hub import resolve_aligner  # aligner.hub imports this module
+    from .hub import resolve_aligner  # lazily: huggingface_hub is imported only for a repo id
 
     directory = resolve_aligner(directory, revision=revision)
     config, record = read_config_file(directory)

@@ -21,7 +21,8 @@ from tiny_models import randomize_aligner, save_tiny_model, tiny_model
 
 import aligner
 from aligner import AlignerBank
-from aligner.hub import BANK_FILENAME, is_repo_id, model_card
+from aligner.hub import BANK_FILENAME, is_repo_id
+from aligner.publish import model_card
 from aligner.serialization import CONFIG_NAME, WEIGHTS_NAME
 
 REPO = "user/my-aligner"
