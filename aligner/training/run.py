@@ -17,11 +17,10 @@ from ..files import append_line, write_atomic
 from ..hf_patch import patch, trainable_parameters
 from ..options import OptionError
 from ..outputs import OutputDir, read_manifest
+from ..prompts import DataError, Messages
 from ..serialization import load, save
 from .config import TrainConfig
 from .data import (
-    DataError,
-    Messages,
     preference_collator,
     preference_examples,
     sft_collator,
@@ -173,6 +172,13 @@ def check_resumable(checkpoint: Path, expected: dict[str, Any]) -> None:
             f"{{resume}}: {checkpoint} belongs to another run: {'; '.join(problems)}. Resume with the "
             "same base, data and settings, or start a new run in another directory (or with {overwrite})"
         )
+
+
+def check_checkpoint(checkpoint: Path, command: str, config: TrainConfig) -> None:
+    """Before the model loads (``aligner train --resume``): raise OptionError unless ``checkpoint`` was
+    written by an ``aligner command`` run with ``config``'s settings. The base model and the data are
+    compared when the run starts, once they are loaded and tokenised."""
+    check_resumable(checkpoint, run_info(command, config, None, None))
 
 
 # --------------------------------------------------------------------------------------------
