@@ -133,7 +133,8 @@ def test_generate_chat_and_info_never_import_the_training_stack(tmp_path):
     runs = {
         "generate": (["generate", model, "--prompt", "hello", "--data", prompts, "--max-new-tokens", "2",
                       "--no-progress", "--json"], ""),
-        "chat": (["chat", model, "--max-new-tokens", "2", "--system", "Be brief."], "hi\n/reset\nagain\n"),
+        "chat": (["chat", model, "--max-new-tokens", "2", "--system", "Be brief.", "--json"],
+                 "hi\n/reset\nagain\n"),
         "info": (["info", model, "--json"], ""),
     }  # fmt: skip
     for command, (argv, stdin) in runs.items():
@@ -145,8 +146,8 @@ def test_generate_chat_and_info_never_import_the_training_stack(tmp_path):
         if command == "generate":
             rows = [json.loads(line) for line in lines]
             assert [row["prompt"] for row in rows] == ["hello", "Name a colour\n\none word", "hi"]
-        elif command == "chat":
-            assert len(lines) == 2  # a reply to each of the two messages
+        elif command == "chat":  # a reply to each of the two messages
+            assert [json.loads(line)["prompt"] for line in lines] == ["hi", "again"]
         else:
             assert json.loads(lines[0])["model_type"] == "llama"
 
