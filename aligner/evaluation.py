@@ -120,13 +120,17 @@ def _not_built_model_warning(record: logging.LogRecord) -> bool:
 @contextlib.contextmanager
 def _quiet(progress: bool) -> Iterator[None]:
     """Without HFLM's warnings about a built model and, unless ``progress``, without lm_eval's progress
-    bars: lm_eval passes ``disable=`` itself, so its modules' ``tqdm`` is swapped for the duration."""
+    bars: lm_eval passes ``disable=`` itself, so its modules' ``tqdm`` is swapped for the duration;
+    the bars of datasets, which loads the tasks' data, are switched off and back on."""
+    import datasets
     import tqdm
 
     logger = logging.getLogger(_HFLM_LOGGER)
     logger.addFilter(_not_built_model_warning)
     swapped = []
+    datasets_bars = datasets.is_progress_bar_enabled()
     if not progress:
+        datasets.disable_progress_bars()
         for name, module in list(sys.modules.items()):
             bar = getattr(module, "tqdm", None) if name.startswith("lm_eval") else None
             if isinstance(bar, type) and issubclass(bar, tqdm.std.tqdm):
@@ -137,6 +141,8 @@ def _quiet(progress: bool) -> Iterator[None]:
     finally:
         for module, bar in swapped:
             module.tqdm = bar
+        if not progress and datasets_bars:
+            datasets.enable_progress_bars()
         logger.removeFilter(_not_built_model_warning)
 
 

@@ -12,12 +12,14 @@ def lazy_exports(
     package: str, namespace: dict[str, Any], exports: dict[str, str]
 ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     """The ``__getattr__`` and ``__dir__`` of ``package`` (whose globals are ``namespace``):
-    ``exports`` maps each public name to the submodule that defines it; other names are looked up
-    as submodules (``aligner.reference``). Each value is cached in ``namespace`` once imported."""
+    ``exports`` maps each public name to the submodule that defines it, or to the full name of a
+    module elsewhere (one with a dot: ``aligner.models``); other names are looked up as submodules
+    (``aligner.reference``). Each value is cached in ``namespace`` once imported."""
 
     def __getattr__(name: str) -> Any:
         if name in exports:
-            value = getattr(importlib.import_module(f".{exports[name]}", package), name)
+            module = exports[name] if "." in exports[name] else f".{exports[name]}"
+            value = getattr(importlib.import_module(module, package), name)
         else:
             try:
                 value = importlib.import_module(f".{name}", package)

@@ -86,3 +86,24 @@ def test_trainer_bf16_runs_and_trains_only_the_aligner(tmp_path):
     after = aligner.aligner_parameters(model)
     assert all(not torch.equal(before[name], after[name]) for name in before)
     assert all(torch.equal(p, frozen[name]) for name, p in model.named_parameters() if name in frozen)
+
+
+def test_after_bf16_training_the_model_runs_in_its_own_precision_again(tmp_path):
+    """``train_sft(bf16=True)``: Trainer wraps the model's forward in bf16 autocast; once training
+    ends the caller's model computes in fp32 again (under ``aligner.disabled``, exactly the base
+    model), instead of silently staying bf16 for every later evaluation and ``generate``."""
+    pytest.importorskip("datasets", reason="needs the train extra")
+    from tiny_models import save_tiny_model
+
+    from aligner.training import TrainConfig, load_model, train_sft
+
+    model, tokenizer = load_model(str(save_tiny_model(tmp_path / "model")))
+    ids = torch.tensor([[3, 5, 7, 9, 11, 13]])
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    examples = [([{"role": "user", "content": "name a color"}], "red")] * 4
+    config = TrainConfig(output_dir=str(tmp_path / "out"), max_steps=2, batch_size=2, bf16=True,
+                         save_steps=100, progress=False)  # fmt: skip
+    train_sft(model, tokenizer, examples, config)
+    with torch.no_grad(), aligner.disabled(model):
+        assert torch.equal(model(input_ids=ids).logits, base)

@@ -431,12 +431,12 @@ def test_convert_of_a_non_checkpoint_never_advises_unpickling(tmp_path, capsys):
 
 @pytest.fixture
 def no_model_loading(monkeypatch):
-    import aligner.cli
+    import aligner.cli.loading
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(aligner.cli, "_load", refuse)
+    monkeypatch.setattr(aligner.cli.loading, "load_base", refuse)
 
 
 def test_checks_before_the_model_loads(model_dir, trained, tmp_path, capsys, no_model_loading):
@@ -601,15 +601,15 @@ def test_ctrl_c_before_the_first_checkpoint_prints_the_command_that_continues(
 
     from transformers import TrainerCallback
 
-    import aligner.cli
+    import aligner.cli.train
 
     class CtrlC(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 2:
                 raise KeyboardInterrupt
 
-    real_callback = aligner.cli._console_callback
-    monkeypatch.setattr(aligner.cli, "_console_callback", lambda console: CtrlC())
+    real_callback = aligner.cli.train.console_callback
+    monkeypatch.setattr(aligner.cli.train, "console_callback", lambda console: CtrlC())
     out = tmp_path / "out"
     data = write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS * 2)
     argv = ["train", model_dir, "--data", data, "--output-dir", out, "--batch-size", "2", "--max-steps", "4"]
@@ -619,7 +619,7 @@ def test_ctrl_c_before_the_first_checkpoint_prints_the_command_that_continues(
     assert "interrupted at step 2" in err and "checkpoint-2" in err
     command = err.split("continue with: ")[1].strip()
     assert command.startswith("aligner train ") and "--overwrite" not in command
-    monkeypatch.setattr(aligner.cli, "_console_callback", real_callback)
+    monkeypatch.setattr(aligner.cli.train, "console_callback", real_callback)
     code, stdout, err = run_cli(capsys, *shlex.split(command)[1:], "--json")
     assert code == 0, err
     records = json_lines(stdout)
@@ -646,21 +646,21 @@ def test_ctrl_c_before_the_first_step_prints_the_command_that_starts_again(
 
     from transformers import TrainerCallback
 
-    import aligner.cli
+    import aligner.cli.train
 
     class CtrlC(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             raise KeyboardInterrupt
 
-    real_callback = aligner.cli._console_callback
-    monkeypatch.setattr(aligner.cli, "_console_callback", lambda console: CtrlC())
+    real_callback = aligner.cli.train.console_callback
+    monkeypatch.setattr(aligner.cli.train, "console_callback", lambda console: CtrlC())
     data = write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS)
     argv = ["train", model_dir, "--data", data, "--output-dir", tmp_path / "out", *FAST]
     code, _, err = run_cli(capsys, *argv)
     assert code == 130 and "interrupted at step 0" in err and "nothing to resume" in err
     command = err.split("start again with: ")[1].strip()
     assert command.endswith("--overwrite")
-    monkeypatch.setattr(aligner.cli, "_console_callback", real_callback)
+    monkeypatch.setattr(aligner.cli.train, "console_callback", real_callback)
     code, stdout, err = run_cli(capsys, *shlex.split(command)[1:], "--json")
     assert code == 0 and json_lines(stdout)[-1]["steps"] == 2, err
 
@@ -804,7 +804,8 @@ def test_bank_checks_come_before_the_model_loads(
 def test_help_and_argument_errors_import_no_training_stack_and_nothing_warns(model_dir, tmp_path):
     """Run as a user does, in a fresh process: --help and a bad option never import the training
     stack (transformers' Trainer, peft, bitsandbytes: seconds); bitsandbytes' warning about its
-    optional CPU kernel package never reaches stderr, also where the training stack is imported."""
+    optional CPU kernel package never reaches stderr, also where the training stack is imported.
+    (generate, chat and info run to the end without it: tests/test_packaging.py.)"""
     import subprocess
 
     script = (
@@ -818,13 +819,17 @@ def test_help_and_argument_errors_import_no_training_stack_and_nothing_warns(mod
         "heavy = ('aligner.training', 'transformers.trainer', 'peft', 'bitsandbytes', 'datasets',\n"
         "         'lm_eval')\n"
         "print('loaded:', [name for name in heavy if name in sys.modules], code)\n"
-        "sys.exit(main(['info', sys.argv[1]]))\n"  # imports the training stack
+        "code = main(['train', sys.argv[1], '--data', 'none.jsonl', '--output-dir', 'out'])\n"
+        "print('training stack:', 'transformers.trainer' in sys.modules, code)\n"
     )
     command = [sys.executable, "-c", script, str(model_dir)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert "loaded: [] 2" in result.stdout and "model_type=llama" in result.stdout
-    assert result.stderr.splitlines() == ["aligner generate: error: --max-new-tokens must be >= 1, got -1"]
+    assert "loaded: [] 2" in result.stdout and "training stack: True 2" in result.stdout
+    assert result.stderr.splitlines() == [
+        "aligner generate: error: --max-new-tokens must be >= 1, got -1",
+        "aligner train: error: data file none.jsonl does not exist",
+    ]
 
 
 def test_small_things(model_dir, trained, tmp_path, capsys):

@@ -321,7 +321,8 @@ def test_patch_refuses_a_config_that_does_not_fit():
 
 
 def test_train_config_and_command_line_take_the_aligner_fields_from_it(capsys):
-    from aligner.cli import INHERITED, main
+    from aligner.cli import main
+    from aligner.cli.train import INHERITED
     from aligner.training import TrainConfig
 
     fields = {item.name: item for item in dataclasses.fields(TrainConfig)}

@@ -118,7 +118,7 @@ def test_target_loss_reads_the_system_prompt(tmp_path):
     generated: the targets' likelihood depends on it (issue 24: it used to be the base model's)."""
     from answer_forms import load_demo_model, target_loss
 
-    from aligner.training.data import format_prompt
+    from aligner.prompts import format_prompt
 
     model, tokenizer = load_demo_model(save_tiny_model(tmp_path / "model"))
     instructions, targets = ["Name a colour.", "What is two plus two?"], ['{"answer": "Red."}', "Four."]

@@ -19,7 +19,8 @@ from tiny_models import save_tiny_model  # noqa: E402
 
 import aligner  # noqa: E402
 from aligner.cli import EXIT_ERROR, main  # noqa: E402
-from aligner.training import TrainConfig, distill_kl, load_model, train_distill  # noqa: E402
+from aligner.models import load_model  # noqa: E402
+from aligner.training import TrainConfig, distill_kl, train_distill  # noqa: E402
 from aligner.training.distill import (  # noqa: E402
     AlignerDistillTrainer,
     distill_collator,

@@ -22,7 +22,7 @@ import aligner  # noqa: E402
 from aligner import AlignerBank  # noqa: E402
 from aligner.cli import EXIT_ERROR, main  # noqa: E402
 from aligner.evaluation import evaluate, task_manager  # noqa: E402
-from aligner.training import load_model  # noqa: E402
+from aligner.models import load_model  # noqa: E402
 
 TASKS = ["tiny_mc", "tiny_gen"]
 MC_ROWS = [
@@ -256,12 +256,12 @@ def test_cli_writes_the_results(files, runs, tmp_path, capsys):
 
 @pytest.fixture
 def no_model_loading(monkeypatch):
-    import aligner.cli
+    import aligner.cli.loading
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(aligner.cli, "_load", refuse)
+    monkeypatch.setattr(aligner.cli.loading, "load_base", refuse)
 
 
 def test_cli_checks_come_before_the_model_loads(files, tmp_path, capsys, no_model_loading):

@@ -20,8 +20,9 @@ from tiny_models import save_tiny_model  # noqa: E402
 
 import aligner  # noqa: E402
 from aligner.cli import main  # noqa: E402
+from aligner.models import load_model  # noqa: E402
 from aligner.serialization import WEIGHTS_NAME  # noqa: E402
-from aligner.training import TrainConfig, TrainingInterrupted, load_model, sft_examples, train_sft  # noqa: E402
+from aligner.training import TrainConfig, TrainingInterrupted, sft_examples, train_sft  # noqa: E402
 
 PREFERENCES = [
     {"prompt": "is the cat good", "chosen": "yes the cat is good", "rejected": "no"},

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import llama2_7b_on_meta, randomize_aligner, tiny_model
 
 from aligner import files, serialization
-from aligner.cli import describe_aligner, describe_base
+from aligner.cli.info import describe_aligner, describe_base
 from aligner.hf_patch import aligner_parameters, merge, patch
 from aligner.official import convert_official
 from aligner.serialization import (

@@ -20,6 +20,7 @@ pytest.importorskip("matplotlib", reason="needs the train extra: pip install -e 
 from tiny_models import save_tiny_model  # noqa: E402
 
 import aligner  # noqa: E402
+from aligner.prompts import format_prompt  # noqa: E402
 from aligner.training import (  # noqa: E402
     DataError,
     TrainConfig,
@@ -29,7 +30,7 @@ from aligner.training import (  # noqa: E402
     sft_examples,
     train_sft,
 )
-from aligner.training.data import format_prompt, pad_batch, tokenize_pair  # noqa: E402
+from aligner.training.data import pad_batch, tokenize_pair  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(tiny_dir):
-    from aligner.training import load_model
+    from aligner.models import load_model
 
     return load_model(str(tiny_dir))
 
@@ -162,7 +163,7 @@ class _InterruptAt:
 
 
 def test_ctrl_c_saves_a_usable_aligner(tiny_dir, tmp_path):
-    from aligner.training import load_model
+    from aligner.models import load_model
 
     model, tokenizer = load_model(str(tiny_dir))
     examples = sft_examples(write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS * 4))
@@ -196,7 +197,7 @@ def test_ctrl_c_saves_a_usable_aligner(tiny_dir, tmp_path):
 
 
 def test_checkpoints_are_atomic_and_resumable(tiny_dir, tmp_path):
-    from aligner.training import load_model
+    from aligner.models import load_model
 
     examples = sft_examples(write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS * 2))
     out = tmp_path / "out"
@@ -217,7 +218,8 @@ def test_checkpoints_are_atomic_and_resumable(tiny_dir, tmp_path):
 
 
 def test_dpo_starts_at_log2_and_prefers_chosen(tiny_dir, tmp_path):
-    from aligner.training import load_model, train_dpo_file
+    from aligner.models import load_model
+    from aligner.training import train_dpo_file
 
     rows = [{"prompt": "is the cat good", "chosen": "yes the cat is good", "rejected": "no"}] * 8
     model, tokenizer = load_model(str(tiny_dir))
@@ -242,7 +244,8 @@ def test_dpo_starts_at_log2_and_prefers_chosen(tiny_dir, tmp_path):
 def test_dpo_gradient_accumulation_logs_the_mean(tiny_dir, tmp_path):
     """Two accumulated micro-batches: step 1's loss is still log 2 for the fresh Aligner, not twice it
     (Trainer must divide the per-batch mean losses by the accumulation steps)."""
-    from aligner.training import load_model, train_dpo_file
+    from aligner.models import load_model
+    from aligner.training import train_dpo_file
 
     rows = [{"prompt": "is the cat good", "chosen": "yes the cat is good", "rejected": "no"}] * 4
     model, tokenizer = load_model(str(tiny_dir))

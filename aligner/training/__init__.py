@@ -8,23 +8,27 @@ from ..lazy import lazy_exports
 
 # Public name -> the submodule that defines it, imported on first use (PEP 562), so that
 # ``import aligner`` and ``aligner --help`` do not pay for torch, transformers or the training stack.
+# Loading, generation and prompts live outside training (``aligner generate`` does not import it);
+# they stay importable from here, where they were first.
 _EXPORTS = {
     "AlignerDPOTrainer": "trainer",
     "AlignerDistillTrainer": "distill",
     "AlignerTrainer": "trainer",
-    "DataError": "data",
+    "DataError": "aligner.prompts",
     "MetricsCallback": "trainer",
-    "ModelLoadError": "models",
+    "ModelLoadError": "aligner.models",
     "TrainConfig": "config",
     "TrainingInterrupted": "run",
     "attach_aligner": "run",
+    "check_checkpoint": "run",
     "distill_examples": "distill",
     "distill_kl": "distill",
-    "generate": "models",
-    "load_model": "models",
+    "generate": "aligner.generation",
+    "load_model": "aligner.models",
     "plot_losses": "trainer",
     "preference_examples": "data",
-    "prompt_examples": "data",
+    "prompt_examples": "aligner.prompts",
+    "resume_checkpoint": "run",
     "sequence_logprobs": "trainer",
     "sft_examples": "data",
     "train_distill": "distill",
@@ -44,6 +48,7 @@ __all__ = [
     "TrainConfig",
     "TrainingInterrupted",
     "attach_aligner",
+    "check_checkpoint",
     "distill_examples",
     "distill_kl",
     "generate",
@@ -51,6 +56,7 @@ __all__ = [
     "plot_losses",
     "preference_examples",
     "prompt_examples",
+    "resume_checkpoint",
     "sequence_logprobs",
     "sft_examples",
     "train_distill",

@@ -8,24 +8,25 @@ Supported row formats (one format per file; other fields are ignored):
 - preference pairs (``aligner dpo``): ``prompt``, ``chosen``, ``rejected``;
 - PKU-SafeRLHF style pairs: ``prompt``, ``response_0``, ``response_1``, ``safer_response_id``
   (0 or 1): ``chosen`` = ``response_{safer_response_id}``, ``rejected`` = the other response;
-- prompts only (``aligner distill``): ``instruction`` (+ optional ``input``) or ``prompt``.
+- prompts only (``aligner distill``, ``aligner generate``): read by :mod:`aligner.prompts`, which also
+  holds the checks every data file goes through first.
 
 Every example becomes a list of prompt messages plus a completion string; prompts go through
-the tokenizer's chat template when it has one, otherwise through a plain "### Role:" layout.
+the tokenizer's chat template when it has one (:func:`aligner.prompts.format_prompt`), otherwise
+through a plain "### Role:" layout.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-Messages = list[dict[str, str]]
+from ..prompts import DataError, Messages, check_data_file, format_prompt, row_format, text_field, user_prompt
 
 ALPACA = ("instruction", "output")
 CHAT = ("messages",)
@@ -33,65 +34,11 @@ PREFERENCE = ("prompt", "chosen", "rejected")
 SAFE_RLHF = ("prompt", "response_0", "response_1", "safer_response_id")
 
 
-SUFFIXES = (".json", ".jsonl")
-
-
-class DataError(ValueError):
-    """A data file that cannot be used; the message names the file (and the line where known)."""
-
-
-def _locate_json_error(path: Path) -> str | None:
-    """What is wrong with the JSON in ``path`` (the first syntax error and its line, or the first row
-    that is not an object), or None if it is a JSON array or JSON Lines of objects."""
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as error:
-            return f"malformed JSON at line {error.lineno}: {error.msg}"
-        for number, item in enumerate(items, start=1):
-            if not isinstance(item, dict):
-                return f"item {number} of the array: rows must be JSON objects, got {_json_type(item)}"
-        return None
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            return f"malformed JSON at line {number}: {error.msg} (column {error.colno})"
-        if not isinstance(row, dict):
-            return f"line {number}: rows must be JSON objects, got {_json_type(row)}"
-    return None
-
-
-def _json_type(value: Any) -> str:
-    """The JSON name of a parsed value's type, with the value when short."""
-    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array"}
-    name = "null" if value is None else names.get(type(value), type(value).__name__)
-    shown = json.dumps(value)
-    return f"{name} ({shown})" if len(shown) <= 40 else name
-
-
 def read_rows(path: str | os.PathLike, *, what: str = "data file") -> Any:
     """Read a JSON (array of objects) or JSONL file into a ``datasets.Dataset``; clear errors otherwise."""
     import datasets
 
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(
-            f"{what} {path} does not exist" if not path.exists() else f"{what} {path} is not a file"
-        )
-    if path.suffix.lower() not in SUFFIXES:
-        raise DataError(
-            f"{what} {path}: {path.suffix or 'a name without extension'} is not a format aligner reads; "
-            "give JSON Lines (.jsonl: one object per line) or JSON (.json: an array of objects)"
-        )
-    if path.stat().st_size == 0 or not path.read_text(encoding="utf-8", errors="replace").strip():
-        raise DataError(f"{what} {path} is empty: it holds no rows")
-    located = _locate_json_error(path)
-    if located is not None:
-        raise DataError(f"{what} {path}: {located}")
+    path = check_data_file(path, what=what)
     shown = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # a small local file: no bars, then the caller's setting again
     try:
@@ -107,52 +54,16 @@ def read_rows(path: str | os.PathLike, *, what: str = "data file") -> Any:
     return dataset
 
 
-def _require(path: Path, columns: Iterable[str], formats: dict[str, tuple[str, ...]]) -> str:
-    """The first format in ``formats`` whose fields are all present, or a DataError naming what is missing."""
-    present = set(columns)
-    for name, fields in formats.items():
-        if set(fields) <= present:
-            return name
-    wanted = "; ".join(f"{name}: {', '.join(fields)}" for name, fields in formats.items())
-    closest, fields = min(formats.items(), key=lambda item: len(set(item[1]) - present))
-    missing = ", ".join(repr(f) for f in fields if f not in present)
-    raise DataError(
-        f"{path}: rows have fields {sorted(present)}, expected one of the formats ({wanted}); "
-        f"for the {closest} format, {missing} is missing"
-    )
-
-
-def _text(path: Path, index: int, row: dict, field: str) -> str:
-    value = row.get(field)
-    if value is None:  # datasets fills a field that some rows lack with None
-        raise DataError(f"{path}: row {index + 1}: field {field!r} is missing")
-    if not isinstance(value, str):
-        raise DataError(f"{path}: row {index + 1}: field {field!r} must be a string, got {_json_type(value)}")
-    return value
-
-
-def _user_prompt(path: Path, index: int, row: dict) -> str:
-    if "instruction" in row and row["instruction"] is not None:
-        prompt = _text(path, index, row, "instruction")
-        extra = row.get("input")
-        if extra:
-            if not isinstance(extra, str):
-                raise DataError(f"{path}: row {index + 1}: field 'input' must be a string")
-            prompt = f"{prompt}\n\n{extra}"
-        return prompt
-    return _text(path, index, row, "prompt")
-
-
 def sft_examples(path: str | os.PathLike) -> list[tuple[Messages, str]]:
     """(prompt messages, completion) pairs from an Alpaca or chat file."""
     path = Path(path)
     dataset = read_rows(path)
-    kind = _require(path, dataset.column_names, {"alpaca": ALPACA, "chat": CHAT})
+    kind = row_format(path, dataset.column_names, {"alpaca": ALPACA, "chat": CHAT})
     examples = []
     for index, row in enumerate(dataset):
         if kind == "alpaca":
-            output = _text(path, index, row, "output")
-            examples.append(([{"role": "user", "content": _user_prompt(path, index, row)}], output))
+            output = text_field(path, index, row, "output")
+            examples.append(([{"role": "user", "content": user_prompt(path, index, row)}], output))
             continue
         messages = row["messages"]
         if not isinstance(messages, list) or not messages:
@@ -171,40 +82,24 @@ def preference_examples(path: str | os.PathLike) -> list[tuple[Messages, str, st
     """(prompt messages, chosen, rejected) triples; PKU-SafeRLHF rows map through ``safer_response_id``."""
     path = Path(path)
     dataset = read_rows(path)
-    kind = _require(path, dataset.column_names, {"pairs": PREFERENCE, "safe-rlhf": SAFE_RLHF})
+    kind = row_format(path, dataset.column_names, {"pairs": PREFERENCE, "safe-rlhf": SAFE_RLHF})
     examples = []
     for index, row in enumerate(dataset):
-        prompt = [{"role": "user", "content": _text(path, index, row, "prompt")}]
+        prompt = [{"role": "user", "content": text_field(path, index, row, "prompt")}]
         if kind == "pairs":
-            chosen, rejected = _text(path, index, row, "chosen"), _text(path, index, row, "rejected")
+            chosen, rejected = (text_field(path, index, row, side) for side in ("chosen", "rejected"))
         else:
             safer = row["safer_response_id"]
             if safer not in (0, 1):
                 raise DataError(f"{path}: row {index + 1}: 'safer_response_id' must be 0 or 1, got {safer!r}")
-            responses = [_text(path, index, row, "response_0"), _text(path, index, row, "response_1")]
+            responses = [text_field(path, index, row, f"response_{i}") for i in (0, 1)]
             chosen, rejected = responses[safer], responses[1 - safer]
         examples.append((prompt, chosen, rejected))
     return examples
 
 
-def prompt_examples(path: str | os.PathLike) -> list[str]:
-    """User prompts from rows with ``instruction`` (+ ``input``) or ``prompt``."""
-    path = Path(path)
-    dataset = read_rows(path)
-    _require(path, dataset.column_names, {"alpaca": ("instruction",), "prompt": ("prompt",)})
-    return [_user_prompt(path, index, row) for index, row in enumerate(dataset)]
-
-
 # --------------------------------------------------------------------------------------------
 # Tokenisation
-
-
-def format_prompt(tokenizer: Any, messages: Messages) -> str:
-    """The text the model sees before its answer: the chat template, or '### Role:' blocks without one."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    blocks = [f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in messages]
-    return "".join(blocks) + "### Assistant:\n"
 
 
 def end_of_answer(tokenizer: Any) -> str:

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import set_seed
 
+from ..generation import generate
 from ..hf_patch import disabled
-from .data import Messages, end_of_answer, format_prompt, pad_batch
-from .models import generate
+from ..prompts import Messages, format_prompt
+from .data import end_of_answer, pad_batch
 from .run import TrainConfig, train_rows, train_sft
 from .trainer import AlignerTrainer
 

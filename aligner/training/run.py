@@ -17,11 +17,10 @@ from ..files import append_line, write_atomic
 from ..hf_patch import patch, trainable_parameters
 from ..options import OptionError
 from ..outputs import OutputDir, read_manifest
+from ..prompts import DataError, Messages
 from ..serialization import load, save
 from .config import TrainConfig
 from .data import (
-    DataError,
-    Messages,
     preference_collator,
     preference_examples,
     sft_collator,
@@ -175,6 +174,13 @@ def check_resumable(checkpoint: Path, expected: dict[str, Any]) -> None:
         )
 
 
+def check_checkpoint(checkpoint: Path, command: str, config: TrainConfig) -> None:
+    """Before the model loads (``aligner train --resume``): raise OptionError unless ``checkpoint`` was
+    written by an ``aligner command`` run with ``config``'s settings. The base model and the data are
+    compared when the run starts, once they are loaded and tokenised."""
+    check_resumable(checkpoint, run_info(command, config, None, None))
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -199,7 +205,12 @@ def _run(trainer: AlignerTrainer, config: TrainConfig, title: str, command: str)
         trainer.output.own(METRICS_NAME, PLOT_NAME, CONFIG_NAME, WEIGHTS_NAME)
     metrics = output_dir / METRICS_NAME
     try:
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        finally:
+            # Mixed precision wraps the model's forward in autocast; unwrapped, the caller's model
+            # runs in its own precision again after training (else every later call stays bf16).
+            trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     except KeyboardInterrupt as interrupt:
         saved = _save_on_interrupt(trainer)
         if trainer.args.should_save:

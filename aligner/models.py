@@ -1,4 +1,6 @@
-"""Loading a base model and its tokenizer (local directory, GGUF file or hub name) and batched generation."""
+"""Base models: where one is (local directory, GGUF file or hub name), its fingerprint from its config
+or GGUF header alone, and loading it with its tokenizer. No training code is imported here: ``aligner
+generate`` and ``aligner info`` use this module."""
 
 from __future__ import annotations
 
@@ -9,9 +11,8 @@ from typing import Any
 
 import torch
 
-from ..config import base_fingerprint
-from ..options import OptionError
-from .data import Messages, format_prompt
+from .config import base_fingerprint
+from .options import OptionError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -199,44 +200,3 @@ def _drop_gguf_tag(model: Any) -> None:
         model.quantization_method = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-
-
-@torch.no_grad()
-def generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[Messages],
-    *,
-    max_new_tokens: int = 64,
-    batch_size: int = 8,
-    temperature: float = 0.0,
-    progress: bool = True,
-    desc: str = "generating",
-    aligner_index: torch.Tensor | None = None,
-) -> list[str]:
-    """Answers to chat prompts, in batches with left padding; greedy when ``temperature`` is 0.
-    ``aligner_index``: one bank index per prompt (-1: base model) for a model with a bank attached."""
-    from tqdm.auto import tqdm
-
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    device = model.get_input_embeddings().weight.device
-    options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
-    options.update(
-        {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    )
-    if temperature == 0:  # silence the generation config's sampling defaults
-        options.update({"temperature": None, "top_p": None, "top_k": None})
-    answers: list[str] = []
-    try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
-            texts = [format_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            rows = (
-                {} if aligner_index is None else {"aligner_index": aligner_index[start : start + batch_size]}
-            )
-            out = model.generate(**batch, **options, **rows)
-            new = out[:, batch["input_ids"].shape[1] :]
-            answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = side
-    return answers

@@ -1,6 +1,6 @@
 """``aligner bank build|add|remove|list`` and the ``--bank`` option of ``generate`` and ``chat``.
 
-Kept apart from :mod:`aligner.cli`, which calls the functions below. Bank files are rewritten
+Bank files are rewritten
 atomically; ``build`` refuses to replace an existing file unless ``--overwrite`` is given. Everything
 about ``--bank`` that can be checked without the model is checked before it loads: the bank was made
 for the model's base (read from its config alone), ``--aligner`` and every row's ``"aligner"`` name
@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .options import HelpFormatter
+from ..options import HelpFormatter
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -34,7 +34,7 @@ def _aligners(count: int) -> str:
     return f"{count} Aligner" if count == 1 else f"{count} Aligners"
 
 
-def add_bank_commands(commands: Any) -> None:
+def add_commands(commands: Any) -> None:
     """Add ``bank`` and its subcommands to the ``aligner`` subparsers."""
     bank = commands.add_parser(
         "bank", help="build and edit a bank of Aligners", description=BANK_HELP, formatter_class=HelpFormatter
@@ -84,8 +84,8 @@ def add_bank_option(parser: argparse.ArgumentParser) -> None:
 def load_bank(path: str | Path, option: str = "", revision: str | None = None) -> Any:
     """``AlignerBank.load(path, revision=revision)``, with errors that say what was expected (``option``
     names the option that gave ``path``, if any)."""
-    from .bank import AlignerBank
-    from .hub import resolve_bank
+    from ..bank import AlignerBank
+    from ..hub import resolve_bank
 
     expected = "a .safetensors file written by `aligner bank build`"
     if Path(path).is_dir():
@@ -98,7 +98,7 @@ def load_bank(path: str | Path, option: str = "", revision: str | None = None) -
 
 
 def cmd_bank(args: argparse.Namespace, console: Any) -> None:
-    from .outputs import check_output_file
+    from ..outputs import check_output_file
 
     path = Path(args.bank)
     if args.bank_command == "build":  # the output is checked before any Aligner is read
@@ -107,7 +107,7 @@ def cmd_bank(args: argparse.Namespace, console: Any) -> None:
         )
         import torch
 
-        from .bank import AlignerBank
+        from ..bank import AlignerBank
 
         dtype = getattr(torch, args.dtype)
         bank = AlignerBank.from_aligners(args.aligners, names=args.name, dtype=dtype)
@@ -160,7 +160,7 @@ def bank_file_header(path: str | Path) -> dict[str, str] | None:
 
 
 def is_bank_file(path: str | Path) -> bool:
-    from .bank import CONFIG_KEY, NAMES_KEY
+    from ..bank import CONFIG_KEY, NAMES_KEY
 
     metadata = bank_file_header(path)
     return metadata is not None and CONFIG_KEY in metadata and NAMES_KEY in metadata
@@ -201,16 +201,13 @@ def _index(bank: Any, name: str, where: str) -> int:
 def row_aligners(path: str | Path) -> list[Any]:
     """The ``"aligner"`` field of every row of a prompts file, in order: a name, None (JSON null: the
     base model) or ABSENT (no such field: ``--aligner``). Any other value, the empty name included,
-    is an error naming the row. A file that is not JSON gives [] (its reader reports it)."""
+    is an error naming the row. A file that is not a prompts file gives [] (``prompt_examples``, which
+    reads it next, says what is wrong with it)."""
+    from ..prompts import DataError, read_json_rows
+
     try:
-        text = Path(path).read_text(encoding="utf-8")
-        if text.lstrip().startswith("["):
-            rows = json.loads(text)
-        else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except (OSError, ValueError):
-        return []
-    if not isinstance(rows, list):
+        rows = read_json_rows(path)
+    except DataError:
         return []
     choices = []
     for number, row in enumerate(rows, start=1):
@@ -264,8 +261,8 @@ def apply_bank(model: Any, bank: Any, aligner: str | None) -> Any:
     (what chat, and rows without a choice of their own, use). Returns the bank."""
     import torch
 
-    from . import aligner_parameters
-    from .bank import attach_bank
+    from ..bank import attach_bank
+    from ..hf_patch import aligner_parameters
 
     attach_bank(model, bank)
     if aligner:
@@ -282,3 +279,6 @@ def with_aligner_names(bank: Any, index: Any, rows: list[dict]) -> list[dict]:
     """``rows`` with the name of each row's Aligner first (None: the base model)."""
     names = bank.names
     return [{"aligner": names[i] if i >= 0 else None, **row} for i, row in zip(index.tolist(), rows)]
+
+
+COMMANDS = {"bank": cmd_bank}
