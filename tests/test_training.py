@@ -256,3 +256,29 @@ def test_dpo_gradient_accumulation_logs_the_mean(tiny_dir, tmp_path):
     train_dpo_file(model, tokenizer, write_jsonl(tmp_path / "p.jsonl", rows), config)
     records = [json.loads(line) for line in (tmp_path / "out/metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in records if "loss" in r][0] == pytest.approx(math.log(2), abs=1e-4)
+
+
+def test_init_aligner_refuses_a_num_tokens_or_start_layer_it_does_not_have(tiny_dir, tmp_path):
+    """From Python as from the command line: ``TrainConfig(init_aligner=..., num_tokens=2)`` for a
+    1-token Aligner is refused before the model is touched, never silently trained as N = 1."""
+    from aligner.options import OptionError
+    from aligner.training import load_model
+
+    model, tokenizer = load_model(str(tiny_dir))
+    saved = aligner.save(aligner.patch(model, num_tokens=1, start_layer=1), tmp_path / "init")
+    aligner.unpatch(model)
+    examples = sft_examples(write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS))
+    common = dict(max_steps=1, batch_size=2, save_steps=100, progress=False, init_aligner=str(saved))
+    wrong_values = {
+        "num_tokens 2 conflicts with init_aligner": dict(num_tokens=2, start_layer=1),
+        "that Aligner has start_layer 1": dict(num_tokens=1, start_layer=2),
+    }
+    for message, wrong in wrong_values.items():
+        with pytest.raises(OptionError, match=message):
+            train_sft(
+                model, tokenizer, examples, TrainConfig(output_dir=str(tmp_path / "x"), **common, **wrong)
+            )
+        assert not hasattr(model, "aligner_state") and not (tmp_path / "x").exists()
+    config = TrainConfig(output_dir=str(tmp_path / "ok"), num_tokens=1, start_layer=1, **common)
+    assert train_sft(model, tokenizer, examples, config)["steps"] == 1
+    assert aligner.read_config(tmp_path / "ok")["start_layer"] == 1

@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from transformers import TrainingArguments, set_seed
 
-from ..config import CONFIG_NAME, WEIGHTS_NAME, base_fingerprint
+from ..config import CONFIG_NAME, WEIGHTS_NAME, AlignerConfig, base_fingerprint
 from ..files import append_line, write_atomic
 from ..hf_patch import patch, trainable_parameters
+from ..hub import resolve_aligner
 from ..options import OptionError
 from ..outputs import OutputDir, read_manifest
 from ..prompts import DataError, Messages
@@ -54,9 +55,20 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 def attach_aligner(model: Any, config: TrainConfig) -> Any:
     """Patch ``model`` with a fresh Aligner drawn from ``config.seed``, or load ``config.init_aligner``
-    (checked against the base)."""
+    (checked against the base, and against ``config.num_tokens`` / ``start_layer``: a value that
+    differs from the saved Aligner's is refused, never silently replaced)."""
     if config.init_aligner:
-        return load(model, config.init_aligner)
+        directory = resolve_aligner(config.init_aligner, argument="init_aligner")
+        saved = AlignerConfig.from_pretrained(directory)
+        for name in ("num_tokens", "start_layer"):
+            given, has = getattr(config, name), getattr(saved, name)
+            if given != has:
+                raise OptionError(
+                    f"{{{name}}} {given} conflicts with {{init_aligner}} {config.init_aligner}: "
+                    f"that Aligner has {name} {has}; set {{{name}}} to it, or leave "
+                    "{init_aligner} out to train a fresh Aligner"
+                )
+        return load(model, directory)
     # The prefix's N(0, 1) draw comes before the Trainer seeds its run: without this, the same seed
     # started from another random state and gave another Aligner.
     set_seed(config.seed)
