@@ -26,7 +26,9 @@ from answer_forms import (
     FORMS,
     START_LAYER,
     add_cache_arguments,
+    add_precision_argument,
     base_model_cache,
+    bf16_training,
     cached_answers,
     compliance,
     instruction_sets,
@@ -75,6 +77,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             lr_scheduler="cosine", max_steps=args.steps, batch_size=args.batch_size, logging_steps=10,
             save_steps=args.steps, save_total_limit=1, seed=args.seed, max_length=256, progress=False,
             overwrite=True,  # the demo's own folders: a rerun replaces its earlier run
+            bf16=bf16_training(args),
         )  # fmt: skip
         examples = [(messages(i), form.apply(answers[i])) for i in train]
         summaries[name] = train_sft(model, tokenizer, examples, config, f"{name} form")
@@ -137,6 +140,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "heldout_instructions": len(sets["heldout"]),
         "carry_instructions": len(sets["carry"]),
         "steps": args.steps,
+        "training_precision": "bf16 autocast" if bf16_training(args) else "fp32",
         "train_seconds": {name: s["seconds"] for name, s in summaries.items()},
         "wall_seconds": time.time() - start,
         "samples": samples,
@@ -156,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output-dir", default="bank-demo-output")
     parser.add_argument("--model", help="model directory instead of SmolLM2 (e.g. a tiny test model)")
     parser.add_argument("--random-aligners", type=int, default=100_000)
-    parser.add_argument("--steps", type=int, default=240)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=3e-2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--answer-tokens", type=int, default=32, help="length of the base model's answers")
@@ -167,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     add_cache_arguments(parser)
+    add_precision_argument(parser)
     parser.add_argument(
         "--min-compliance",
         type=float,

@@ -35,7 +35,9 @@ from answer_forms import (
     FORMS,
     START_LAYER,
     add_cache_arguments,
+    add_precision_argument,
     base_model_cache,
+    bf16_training,
     cached_answers,
     compliance,
     instruction_sets,
@@ -58,16 +60,6 @@ def table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
         cells = " | ".join(f"{row[s]['compliance']:.0%} | {row[s]['loss']:.3f}" for s in SPLITS)
         lines.append(f"| {name} | {cells} |")
     return "\n".join(lines)
-
-
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16): there, training under
-    bfloat16 autocast takes about 2/3 of the float32 time; elsewhere it would be slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -118,7 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     since = phase("base evaluation", since)
 
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and native_bf16())
+    bf16 = bf16_training(args)
     print(
         f"training a {args.num_tokens}-token Aligner: {len(kept['train'])} instructions, {args.steps} steps"
         f"{' under bfloat16 autocast' if bf16 else ''}",
@@ -204,15 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--limit", type=int, default=0, help="use only the first LIMIT instructions of each set"
     )
     parser.add_argument("--num-tokens", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=240)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument(
         "--lr-scheduler", default="cosine", help="transformers scheduler name (default cosine)"
     )
     parser.add_argument("--lr", type=float, default=3e-2)
-    parser.add_argument(
-        "--precision", choices=("auto", "fp32", "bf16"), default="auto",
-        help="training precision; auto: bfloat16 autocast where the CPU has it in hardware, else float32",
-    )  # fmt: skip
+    add_precision_argument(parser)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--answer-tokens", type=int, default=32, help="length of the base model's answers")
     parser.add_argument("--reply-tokens", type=int, default=64, help="room for a formatted reply")
