@@ -26,25 +26,22 @@ import torch
 from answer_forms import (
     CACHE_DIR,
     FORMS,
-    SMOLLM2_GGUF,
     START_LAYER,
     TRAIN_INSTRUCTIONS,
     BaseModelCache,
     cached_answers,
+    load_demo_model,
     messages,
-    smollm2_directory,
 )
-from transformers import AutoTokenizer, TrainerCallback
+from transformers import TrainerCallback
 
 import aligner
 from aligner.training import TrainConfig, train_dpo_file, train_sft, write_jsonl
 
 try:
     from .common import benchmark_parser, run_and_record
-    from .models import load_model
 except ImportError:
     from common import benchmark_parser, run_and_record
-    from models import load_model
 
 BATCH = 8
 
@@ -89,8 +86,7 @@ def run_benchmark(args: Any) -> list[dict[str, Any]]:
     import datasets
     import trl
 
-    model = load_model("smollm2", 0, torch.device("cpu"), torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_directory(), gguf_file=SMOLLM2_GGUF)
+    model, tokenizer = load_demo_model(None)
     args.limit, args.answer_tokens, args.gen_batch_size = None, 32, 30  # the demos' answers
     answers = cached_answers(BaseModelCache(CACHE_DIR, model), model, tokenizer, args)
     train = [i for i in TRAIN_INSTRUCTIONS if answers[i]]
@@ -145,7 +141,7 @@ def run_benchmark(args: Any) -> list[dict[str, Any]]:
     theirs("TRL DPOTrainer + disabled_model, float32", "dpo", defaults=False)
     theirs("TRL DPOTrainer + disabled_model, defaults (bf16, checkpointing)", "dpo", defaults=True)
     for row in rows:
-        own = "aligner dpo" if "DPO" in row["method"] else "aligner train"
+        own = "aligner dpo" if "dpo" in row["method"].lower() else "aligner train"
         base = next(r for r in rows if r["method"] == own)
         row["vs_aligner_cpu"] = round(row["step_cpu_s"] / base["step_cpu_s"], 3)
     return rows
