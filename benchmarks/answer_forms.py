@@ -250,12 +250,6 @@ class BaseModelCache:
         return value
 
 
-def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
-    """The demos' ``--cache-dir`` / ``--no-cache`` (read by :func:`base_model_cache`)."""
-    parser.add_argument("--cache-dir", default=str(CACHE_DIR), help="where the base model's results are kept")
-    parser.add_argument("--no-cache", action="store_true", help="compute the base model's results again")
-
-
 def base_model_cache(args: argparse.Namespace, model: Any) -> BaseModelCache:
     return BaseModelCache(None if args.no_cache else args.cache_dir, model)
 
@@ -284,14 +278,38 @@ def native_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def add_precision_argument(parser: argparse.ArgumentParser) -> None:
-    """The demos' ``--precision`` (read by :func:`bf16_training`)."""
+def bf16_training(args: argparse.Namespace) -> bool:
+    """Whether the demo trains under bfloat16 autocast (evaluation always runs in float32)."""
+    return args.precision == "bf16" or (args.precision == "auto" and native_bf16())
+
+
+def demo_parser(script: str, description: str, output_dir: str) -> argparse.ArgumentParser:
+    """The options both demos share: model, data, training recipe, generation lengths, the cache of
+    the base model's results (:func:`base_model_cache`) and the training precision
+    (:func:`bf16_training`)."""
+    parser = argparse.ArgumentParser(prog=f"python benchmarks/{script}", description=description)
+    parser.add_argument("--output-dir", default=output_dir)
+    parser.add_argument("--model", help="model directory instead of SmolLM2 (e.g. a tiny test model)")
+    parser.add_argument(
+        "--limit", type=int, default=0, help="use only the first LIMIT instructions of each set"
+    )
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=3e-2)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
         "--precision", choices=("auto", "fp32", "bf16"), default="auto",
         help="training precision; auto: bfloat16 autocast where the CPU has it in hardware, else float32",
     )  # fmt: skip
-
-
-def bf16_training(args: argparse.Namespace) -> bool:
-    """Whether the demo trains under bfloat16 autocast (evaluation always runs in float32)."""
-    return args.precision == "bf16" or (args.precision == "auto" and native_bf16())
+    parser.add_argument("--answer-tokens", type=int, default=32, help="length of the base model's answers")
+    parser.add_argument("--reply-tokens", type=int, default=64, help="room for a formatted reply")
+    parser.add_argument("--gen-batch-size", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", default=str(CACHE_DIR), help="where the base model's results are kept")
+    parser.add_argument("--no-cache", action="store_true", help="compute the base model's results again")
+    parser.add_argument(
+        "--min-compliance",
+        type=float,
+        default=0.9,
+        help="exit 1 below this compliance on either held-out set",
+    )
+    return parser

@@ -25,12 +25,11 @@ import torch
 from answer_forms import (
     FORMS,
     START_LAYER,
-    add_cache_arguments,
-    add_precision_argument,
     base_model_cache,
     bf16_training,
     cached_answers,
     compliance,
+    demo_parser,
     instruction_sets,
     load_demo_model,
     messages,
@@ -154,30 +153,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python benchmarks/bank_demo.py", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--output-dir", default="bank-demo-output")
-    parser.add_argument("--model", help="model directory instead of SmolLM2 (e.g. a tiny test model)")
+    parser = demo_parser("bank_demo.py", __doc__.split("\n\n")[0], "bank-demo-output")
     parser.add_argument("--random-aligners", type=int, default=100_000)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--lr", type=float, default=3e-2)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--answer-tokens", type=int, default=32, help="length of the base model's answers")
-    parser.add_argument("--reply-tokens", type=int, default=64, help="room for a formatted reply")
-    parser.add_argument("--gen-batch-size", type=int, default=30)
-    parser.add_argument(
-        "--limit", type=int, default=0, help="use only the first LIMIT instructions of each set"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    add_cache_arguments(parser)
-    add_precision_argument(parser)
-    parser.add_argument(
-        "--min-compliance",
-        type=float,
-        default=0.9,
-        help="exit 1 if a form is below this on either held-out set",
-    )
     args = parser.parse_args(argv)
     metrics = run(args)
     low = [

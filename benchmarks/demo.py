@@ -34,12 +34,11 @@ import torch
 from answer_forms import (
     FORMS,
     START_LAYER,
-    add_cache_arguments,
-    add_precision_argument,
     base_model_cache,
     bf16_training,
     cached_answers,
     compliance,
+    demo_parser,
     instruction_sets,
     load_demo_model,
     messages,
@@ -189,29 +188,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python benchmarks/demo.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", default="demo-output")
-    parser.add_argument("--model", help="model directory instead of SmolLM2 (e.g. a tiny test model)")
-    parser.add_argument(
-        "--limit", type=int, default=0, help="use only the first LIMIT instructions of each set"
-    )
+    parser = demo_parser("demo.py", __doc__.split("\n\n")[0], "demo-output")
     parser.add_argument("--num-tokens", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument(
         "--lr-scheduler", default="cosine", help="transformers scheduler name (default cosine)"
     )
-    parser.add_argument("--lr", type=float, default=3e-2)
-    add_precision_argument(parser)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--answer-tokens", type=int, default=32, help="length of the base model's answers")
-    parser.add_argument("--reply-tokens", type=int, default=64, help="room for a formatted reply")
-    parser.add_argument("--gen-batch-size", type=int, default=30)
     parser.add_argument("--samples", type=int, default=4, help="side-by-side samples to print")
-    parser.add_argument("--seed", type=int, default=0)
-    add_cache_arguments(parser)
-    parser.add_argument(
-        "--min-compliance", type=float, default=0.9, help="exit 1 below this Aligner compliance on either set"
-    )
     args = parser.parse_args(argv)
     metrics = run(args)
     low = {s: v for s, v in metrics["compliance"]["aligner"].items() if v < args.min_compliance}
