@@ -321,12 +321,11 @@ def attach_bank(model: Any, bank: AlignerBank, *, backend: str | None = None) ->
         raise TypeError(f"bank must be an AlignerBank, got {type(bank).__name__}")
     bank.config.check_compatible(model.config, name="the bank")
     state = getattr(model, "aligner_state", None)
-    if state is not None:
-        _check_not_selected(state, "attach another bank")
     if state is None:
         patch(model, config=bank.config, backend=backend)
         state = get_state(model)
     else:
+        _check_not_selected(state, "attach another bank")
         state.config.check_compatible(bank.config, name="the model's Aligner", other_name="the bank")
         if state.merged_biases is not None:
             raise ValueError(

@@ -255,15 +255,15 @@ def base_model_cache(args: argparse.Namespace, model: Any) -> BaseModelCache:
 
 
 def cached_answers(
-    cache: BaseModelCache, model: Any, tokenizer: Any, args: argparse.Namespace
+    cache: BaseModelCache, model: Any, tokenizer: Any, *, limit: int | None, tokens: int, batch_size: int
 ) -> dict[str, str]:
-    """The base model's answer to every instruction of the demos' sets (cut to ``args.limit``), by
-    instruction: from ``cache`` when it holds them, else generated (``args.answer_tokens`` tokens,
-    batches of ``args.gen_batch_size``)."""
-    everything = [i for rows in instruction_sets(args.limit or None).values() for i in rows]
+    """The base model's answer to every instruction of the demos' sets (the first ``limit`` of
+    each), by instruction: from ``cache`` when it holds them, else generated (``tokens`` new
+    tokens, batches of ``batch_size``)."""
+    everything = [i for rows in instruction_sets(limit or None).values() for i in rows]
     answers = cache.get(
-        "answers", {"instructions": everything, "tokens": args.answer_tokens},
-        lambda: base_answers(model, tokenizer, everything, args.answer_tokens, args.gen_batch_size),
+        "answers", {"instructions": everything, "tokens": tokens},
+        lambda: base_answers(model, tokenizer, everything, tokens, batch_size),
     )  # fmt: skip
     return dict(zip(everything, answers))
 

@@ -64,7 +64,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_demo_model(args.model)
     sets = instruction_sets(args.limit or None)
-    answers = cached_answers(base_model_cache(args, model), model, tokenizer, args)
+    cache = base_model_cache(args, model)
+    answers = cached_answers(
+        cache, model, tokenizer, limit=args.limit, tokens=args.answer_tokens, batch_size=args.gen_batch_size
+    )
     train = [i for i in sets["train"] if answers[i]]  # drop empty answers
 
     summaries = {}

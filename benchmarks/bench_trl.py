@@ -87,8 +87,9 @@ def run_benchmark(args: Any) -> list[dict[str, Any]]:
     import trl
 
     model, tokenizer = load_demo_model(None)
-    args.limit, args.answer_tokens, args.gen_batch_size = None, 32, 30  # the demos' answers
-    answers = cached_answers(BaseModelCache(CACHE_DIR, model), model, tokenizer, args)
+    # The demos' answers (all sets, 32 new tokens, batches of 30: their defaults, so the cache holds them).
+    cache = BaseModelCache(CACHE_DIR, model)
+    answers = cached_answers(cache, model, tokenizer, limit=None, tokens=32, batch_size=30)
     train = [i for i in TRAIN_INSTRUCTIONS if answers[i]]
     sft_rows = [(messages(i), FORMS["json"].apply(answers[i])) for i in train]
     pairs = [{"prompt": i, "chosen": FORMS["json"].apply(answers[i]), "rejected": answers[i]} for i in train]

@@ -79,7 +79,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     since = phase("load", start)
     sets = instruction_sets(args.limit or None)
     everything = [i for rows in sets.values() for i in rows]
-    answers = cached_answers(cache, model, tokenizer, args)
+    answers = cached_answers(
+        cache, model, tokenizer, limit=args.limit, tokens=args.answer_tokens, batch_size=args.gen_batch_size
+    )
     since = phase("base answers", since)
     kept = {name: [i for i in rows if answers[i]] for name, rows in sets.items()}  # drop empty answers
     targets = {i: FORM.apply(answers[i]) for i in everything}

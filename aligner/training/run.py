@@ -217,12 +217,7 @@ def _run(trainer: AlignerTrainer, config: TrainConfig, title: str, command: str)
         trainer.output.own(METRICS_NAME, PLOT_NAME, CONFIG_NAME, WEIGHTS_NAME)
     metrics = output_dir / METRICS_NAME
     try:
-        try:
-            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        finally:
-            # Mixed precision wraps the model's forward in autocast; unwrapped, the caller's model
-            # runs in its own precision again after training (else every later call stays bf16).
-            trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except KeyboardInterrupt as interrupt:
         saved = _save_on_interrupt(trainer)
         if trainer.args.should_save:
@@ -230,6 +225,10 @@ def _run(trainer: AlignerTrainer, config: TrainConfig, title: str, command: str)
             append_line(metrics, json.dumps({"step": trainer.state.global_step, "event": "interrupted"}))
             plot_losses(metrics, output_dir / PLOT_NAME, title)
         raise TrainingInterrupted(output_dir, trainer.state.global_step, saved) from interrupt
+    finally:
+        # Mixed precision wraps the model's forward in autocast; unwrapped, the caller's model
+        # runs in its own precision again after training (else every later call stays bf16).
+        trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     trainer.save_model(str(output_dir))
     trainable, total = trainable_parameters(model)
     summary = {
