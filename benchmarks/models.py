@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+from pathlib import Path
 
 import torch
 import transformers
 from torch import nn
 
 import aligner
+import aligner.models
 
 try:  # as a module of the benchmarks package, or as a script
     from .answer_forms import SMOLLM2_GGUF, smollm2_directory
@@ -24,6 +28,24 @@ CONFIGS = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                  vocab_size=128, head_dim=16),
 }  # fmt: skip
+
+
+def smollm2_hf_directory() -> Path:
+    """SmolLM2-135M-Instruct as a float32 Hugging Face directory (config, safetensors, tokenizer), for
+    engines that do not read the package's Q4_1 GGUF file (vLLM). Dequantised once per machine into
+    the user cache, keyed by the GGUF file's modification time, and moved into place complete."""
+    source = smollm2_directory() / SMOLLM2_GGUF
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aligner" / "models"
+    target = cache / f"smollm2-135m-instruct-fp32-{int(source.stat().st_mtime)}"
+    if not (target / "config.json").is_file():
+        staging = cache / f".{target.name}.{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        model, tokenizer = aligner.models.load_model(str(source.parent), gguf_file=SMOLLM2_GGUF)  # float32
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    return target
 
 
 def load_model(

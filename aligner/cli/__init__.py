@@ -1,4 +1,5 @@
-"""The aligner command line: train, dpo, distill, generate, chat, eval, merge, convert, info, bank, push.
+"""The aligner command line: train, dpo, distill, generate, chat, eval, merge, convert, info, bank, push,
+serve.
 
 Every subcommand has --help. Models come from a local directory, a GGUF file (the .gguf path, or
 a directory holding one; --gguf-file NAME picks one of several) or a hub name when the machine has
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 # torch, transformers and the training stack are imported by the command that uses them, when it
 # runs, so that --help and argument errors are fast and generate or chat never load the training stack.
 from ..options import HelpFormatter, OptionError, cli_flag
-from . import bank, convert, evaluate, generate, info, merge, push, train
+from . import bank, convert, evaluate, generate, info, merge, push, serve, train
 from .arguments import LazyParser
 from .console import Console, progress_bars, without_bitsandbytes_kernel_warning
 
@@ -29,7 +30,7 @@ EXIT_INTERRUPTED = 130
 
 # The command modules in the order their commands appear in --help; each has add_commands(subparsers)
 # and COMMANDS, its command names and their functions (args, console).
-_GROUPS = (train, generate, bank, evaluate, merge, convert, info, push)
+_GROUPS = (train, generate, bank, evaluate, merge, convert, info, push, serve)
 COMMANDS = {name: run for group in _GROUPS for name, run in group.COMMANDS.items()}
 
 
@@ -46,7 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the aligner command line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     with without_bitsandbytes_kernel_warning():
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, rest = parser.parse_known_args(argv)
+        if rest and not getattr(args, "passes_through", None):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.passed_through = rest  # a command that hands its other options on (serve: to vllm serve)
         return _run(args, argv)
 
 

@@ -1,0 +1,1 @@
+"""Serving Aligners in inference engines: :mod:`aligner.serving.vllm` (the ``vllm`` extra)."""
