@@ -12,8 +12,9 @@ resident memory, against the raw size of its tensors.
 ``--engine vllm`` (in the vLLM environment, `make test-vllm` builds it): SmolLM2-135M served by vLLM
 with aligner.serving.vllm; tokens/s of one batch of ``--prompts`` requests whose rows run 1, 3 or
 ``--prompts`` distinct Aligners of the bank, against the same engine serving the base model (rows
-without an Aligner) and against plain vLLM without the plugin, rounds alternating, all in one run.
-Prefix caching is off so that every round computes its prompts.
+without an Aligner) and against plain vLLM without the plugin (a second engine, alive at the same
+time), rounds alternating, all in one run. Prefix caching is off so that every round computes its
+prompts.
 
     .venv-vllm/bin/python benchmarks/bench_bank.py --engine vllm --prompts 100 --bank-size 100000
 """
@@ -179,31 +180,34 @@ def run_vllm_benchmark(args: argparse.Namespace) -> list[dict]:
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     engine = {
         "dtype": args.dtype, "max_model_len": 1024, "max_num_seqs": max(args.prompts, 16), "seed": 0,
-        "enable_prefix_caching": False, "gpu_memory_utilization": 0.2,
+        "enable_prefix_caching": False, "gpu_memory_utilization": 0.1,
     }  # fmt: skip
 
-    def measure(llm, methods: dict[str, list[str | None]]) -> dict[str, list[float]]:
-        wall: dict[str, list[float]] = {method: [] for method in methods}
-        names = list(methods)
+    # Both engines at once (each pins its worker to the same core), so that every round measures all
+    # five methods one after another, in a rotating order, under the same load.
+    llm = LLM(**serving.engine_args(model_dir, path, **engine))
+    plain = LLM(model=model_dir, **engine)
+    methods = {name: (llm, aligners) for name, aligners in rows_of.items()}
+    methods["plain vLLM"] = (plain, [None] * args.prompts)
+    names = list(methods)
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    try:
         for round_index in range(args.rounds + 1):  # round 0 warms up
-            for method in names[round_index % len(names) :] + names[: round_index % len(names)]:
-                batch, batch_params = serving.requests(texts, methods[method], params)
+            for name in names[round_index % len(names) :] + names[: round_index % len(names)]:
+                engine_of, aligners = methods[name]
+                if engine_of is plain:
+                    batch, batch_params = texts, params
+                else:
+                    batch, batch_params = serving.requests(texts, aligners, params)
                 start = time.perf_counter()
-                outputs = llm.generate(batch, batch_params, use_tqdm=False)
+                outputs = engine_of.generate(batch, batch_params, use_tqdm=False)
                 elapsed = time.perf_counter() - start
                 assert all(len(o.outputs[0].token_ids) == args.new_tokens for o in outputs)
                 if round_index:
-                    wall[method].append(elapsed)
-        return wall
-
-    llm = LLM(**serving.engine_args(model_dir, path, **engine))
-    wall = measure(llm, rows_of)
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    plain = LLM(model=model_dir, **engine)
-    plain_wall = measure(plain, {"plain vLLM": [None] * args.prompts})
-    plain.llm_engine.engine_core.shutdown()
-    wall.update(plain_wall)
+                    wall[name].append(elapsed)
+    finally:
+        for engine_of in (llm, plain):
+            engine_of.llm_engine.engine_core.shutdown()
     base = statistics.median(wall["base"])
     return [
         {

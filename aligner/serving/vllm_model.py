@@ -30,32 +30,59 @@ from .vllm_compat import AttentionSite, attention_sites, token_rows
 
 
 class AlignerPrefixTerm(nn.Module):
-    """One layer's prefix term for every token of a step, from per-row tables (buffers)."""
+    """One layer's prefix term for every token of a step, from per-row tables (buffers).
+
+    N = 1: the term does not depend on the query (DESIGN.md section 1, the closed form), so each
+    row keeps it whole, ``constant[r] = gate_h[r] * PV[r]`` (heads x head_dim, fp32), and a step
+    costs one gather and one add. N > 1: each row keeps PK, PV (in the model's dtype) and its gate;
+    the softmax over the N tokens is computed per query, in fp32.
+    """
 
     def __init__(
         self, site: AttentionSite, rows: int, num_tokens: int, token_row: Tensor, dtype: torch.dtype
     ):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = site.num_heads, site.num_kv_heads, site.head_dim
-        self.scale = site.scale
-        kv_shape = (rows, num_tokens, site.num_kv_heads, site.head_dim)
-        self.register_buffer("prefix_k", torch.zeros(kv_shape, dtype=dtype), persistent=False)
-        self.register_buffer("prefix_v", torch.zeros(kv_shape, dtype=dtype), persistent=False)
-        self.register_buffer("gate", torch.zeros(rows, site.num_heads, dtype=torch.float32), persistent=False)
+        self.num_tokens, self.scale = num_tokens, site.scale
+        width = site.num_heads * site.head_dim
+        if num_tokens == 1:
+            self.register_buffer("constant", torch.zeros(rows, width, dtype=torch.float32), persistent=False)
+        else:
+            kv_shape = (rows, num_tokens, site.num_kv_heads, site.head_dim)
+            self.register_buffer("prefix_k", torch.zeros(kv_shape, dtype=dtype), persistent=False)
+            self.register_buffer("prefix_v", torch.zeros(kv_shape, dtype=dtype), persistent=False)
+            self.register_buffer(
+                "gate", torch.zeros(rows, site.num_heads, dtype=torch.float32), persistent=False
+            )
         self.register_buffer("token_row", token_row, persistent=False)  # shared by every layer
+
+    @property
+    def rows(self) -> int:
+        return (self.constant if self.num_tokens == 1 else self.gate).shape[0]
+
+    def set_rows(self, rows: Tensor, keys: Tensor, values: Tensor, gate: Tensor) -> None:
+        """Rows ``rows`` (R,) now run the Aligners whose keys / values (R, N, kv heads, head_dim)
+        and gates (R, heads) are given (zeros: the base model)."""
+        if self.num_tokens == 1:
+            group = self.num_heads // self.num_kv_heads
+            per_head = values[:, 0].float().repeat_interleave(group, dim=1)  # (R, heads, head_dim)
+            constant = gate.float()[:, :, None] * per_head
+            self.constant.index_copy_(0, rows, constant.flatten(1))
+        else:
+            self.prefix_k.index_copy_(0, rows, keys.to(self.prefix_k.dtype))
+            self.prefix_v.index_copy_(0, rows, values.to(self.prefix_v.dtype))
+            self.gate.index_copy_(0, rows, gate.float())
 
     def forward(self, query: Tensor) -> Tensor:
         """The term for ``query`` (tokens, heads x head_dim), in fp32."""
         tokens = query.shape[0]
         rows = self.token_row[:tokens]
+        if self.num_tokens == 1:
+            return self.constant[rows]
         group = self.num_heads // self.num_kv_heads
-        values = self.prefix_v[rows].float()  # (tokens, N, kv heads, head_dim)
-        if values.shape[1] == 1:  # N = 1: the softmax over one token is 1 (DESIGN.md section 1)
-            out = values[:, 0, :, None, :].expand(tokens, self.num_kv_heads, group, self.head_dim)
-        else:
-            q = query.view(tokens, self.num_kv_heads, group, self.head_dim).float()
-            scores = torch.einsum("tkgd,tnkd->tkgn", q, self.prefix_k[rows].float()) * self.scale
-            out = torch.einsum("tkgn,tnkd->tkgd", scores.softmax(dim=-1), values)
+        q = query.view(tokens, self.num_kv_heads, group, self.head_dim).float()
+        scores = torch.einsum("tkgd,tnkd->tkgn", q, self.prefix_k[rows].float()) * self.scale
+        out = torch.einsum("tkgn,tnkd->tkgd", scores.softmax(dim=-1), self.prefix_v[rows].float())
         gate = self.gate[rows].view(tokens, self.num_kv_heads, group, 1)
         return (gate * out).reshape(tokens, self.num_heads * self.head_dim)
 
@@ -116,7 +143,7 @@ class AlignerServingMixin:
         if rows is None:  # vLLM's dummy / profiling runs: any valid row
             term.token_row[:num_tokens].zero_()
         else:
-            term.token_row[:num_tokens].copy_(rows.clamp_(max=term.gate.shape[0] - 1))
+            term.token_row[:num_tokens].copy_(rows.clamp_(max=term.rows - 1))
 
     def _refresh_rows(self, changed: dict[int, str | None]) -> None:
         rows = torch.tensor(sorted(changed), dtype=torch.int64)
@@ -124,16 +151,14 @@ class AlignerServingMixin:
         index = torch.tensor([-1 if name is None else self.aligner_bank.index(name) for name in names])
         tokens, gates = self.aligner_bank.select(index)  # zeros for the base model's rows
         start = self.aligner_bank.start_layer
+        weight = next(self.parameters())
+        flat = tokens.to(device=weight.device, dtype=weight.dtype).flatten(0, 1)
+        rows = rows.to(weight.device)
         for layer, site in self.aligner_sites.items():
-            term = self.aligner_terms[layer]
-            device = term.prefix_k.device
-            flat = tokens.to(device=device, dtype=term.prefix_k.dtype).flatten(0, 1)
             keys, values = site.project_prefix(flat)
             shape = (len(names), -1, site.num_kv_heads, site.head_dim)
-            rows_here = rows.to(device)
-            term.prefix_k.index_copy_(0, rows_here, keys.view(shape))
-            term.prefix_v.index_copy_(0, rows_here, values.view(shape))
-            term.gate.index_copy_(0, rows_here, gates[:, layer - start].to(device))
+            gate = gates[:, layer - start].to(weight.device)
+            self.aligner_terms[layer].set_rows(rows, keys.view(shape), values.view(shape), gate)
 
 
 class AlignerLlamaForCausalLM(AlignerServingMixin, LlamaForCausalLM):
