@@ -19,7 +19,6 @@ from . import loading
 from .arguments import (
     add_command,
     add_fields,
-    check_generation,
     check_revision,
     model_arguments,
     output_arguments,
@@ -98,17 +97,8 @@ def add_commands(commands: Any) -> None:
     source = distill.add_mutually_exclusive_group(required=True)
     source.add_argument("--system-prompt", help="the system prompt to bake in")
     source.add_argument("--system-prompt-file", help="file holding the system prompt")
-    distill.add_argument(
-        "--max-new-tokens", type=int, default=128, help="answer length when generating targets"
-    )
     distill.add_argument("--loss", default="kl", choices=["kl", "sft"], help="distillation loss (see above)")
     revision_argument(distill, "--init-aligner")
-    distill.add_argument(
-        "--temperature",
-        type=float,
-        default=0.0,
-        help="sampling temperature of the teacher's answers; 0: greedy",
-    )
     output_arguments(distill, progress=False)
     _training_arguments(distill, "distill")
 
@@ -213,6 +203,7 @@ def cmd_dpo(args: argparse.Namespace, console: Console) -> None:
 def cmd_distill(args: argparse.Namespace, console: Console) -> None:
     from ..outputs import OutputDir, read_manifest
     from ..training import distill_examples, prompt_examples, train_distill, write_jsonl
+    from ..training.distill import TEACHER_OPTIONS
 
     config = _config(args, console)
     if args.system_prompt_file:
@@ -224,7 +215,6 @@ def cmd_distill(args: argparse.Namespace, console: Console) -> None:
         system = args.system_prompt.strip()
     if not system:
         raise ValueError("the system prompt is empty: give the text to bake in with --system-prompt")
-    check_generation(args)
     prompts = prompt_examples(args.data)
     _check_training(args, config, "distill")
     model, tokenizer = loading.load_base(args)
@@ -233,9 +223,8 @@ def cmd_distill(args: argparse.Namespace, console: Console) -> None:
         tokenizer,
         prompts,
         system,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        temperature=args.temperature,
+        batch_size=config.batch_size,
+        **{name: getattr(config, name) for name in TEACHER_OPTIONS},
         seed=config.seed,
         progress=config.progress,
     )
