@@ -88,13 +88,13 @@ class TrainConfig:
         commands=("distill",),
     )
     no_repeat_ngram_size: int = option(
-        0,
+        3,
         "the teacher's answers never repeat an n-gram of this many tokens (0: off)",
         resumable=False,
         commands=("distill",),
     )
     samples_per_prompt: int = option(
-        1,
+        2,
         "teacher answers per instruction (sampled; identical answers to one instruction are kept once)",
         resumable=False,
         commands=("distill",),
