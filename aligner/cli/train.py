@@ -38,9 +38,11 @@ SFT Aligner with --init-aligner (otherwise the fresh Aligner equals the referenc
 
 DISTILL_HELP = """Bake a system prompt into an Aligner (context distillation).
 
-The base model first answers every instruction WITH the system prompt (greedy, or sampled with
---temperature); the pairs are kept in OUTPUT_DIR/distilled.jsonl. The Aligner is then trained
-so that the model WITHOUT the system prompt matches the prompted model on those answers:
+The base model first answers every instruction WITH the system prompt: --samples-per-prompt
+answers each, sampled at --temperature (0: greedy), never repeating a run of
+--no-repeat-ngram-size tokens (a small model's prompted answers otherwise often loop: "Ahoy! Ahoy!
+Ahoy! ..."); the pairs are kept in OUTPUT_DIR/distilled.jsonl. The Aligner is then trained so
+that the model WITHOUT the system prompt matches the prompted model on those answers:
 
   --loss kl   (default) KL(teacher || student) over the whole vocabulary at every answer token;
               the teacher is the same model with the Aligner disabled plus the system prompt
