@@ -180,11 +180,8 @@ def test_distill(model_dir, tmp_path, capsys):
     )
     assert code == 0, err
     distilled = [json.loads(line) for line in (out / "distilled.jsonl").read_text().splitlines()]
-    # the default teacher: two sampled answers per instruction, an identical second one kept once
-    firsts = [row["messages"][0]["content"] for row in distilled]
-    assert firsts[0] == "name a color" and distilled[0]["system"] == "reply yes"
-    assert sorted(set(firsts)) == ["name a color", "what do bees make"]
-    assert all(firsts.count(prompt) in (1, 2) for prompt in firsts)
+    assert len(distilled) == 2 and distilled[0]["system"] == "reply yes"
+    assert distilled[0]["messages"][0] == {"role": "user", "content": "name a color"}
     assert (out / "aligner_model.safetensors").is_file()
 
 

@@ -38,8 +38,8 @@ SFT Aligner with --init-aligner (otherwise the fresh Aligner equals the referenc
 
 DISTILL_HELP = """Bake a system prompt into an Aligner (context distillation).
 
-The base model first answers every instruction WITH the system prompt: --samples-per-prompt
-answers each, sampled at --temperature (0: greedy), never repeating a run of
+The base model first answers every instruction WITH the system prompt: greedy by default (or
+--samples-per-prompt answers each, sampled at --temperature), never repeating a run of
 --no-repeat-ngram-size tokens (a small model's prompted answers otherwise often loop: "Ahoy! Ahoy!
 Ahoy! ..."); the pairs are kept in OUTPUT_DIR/distilled.jsonl. The Aligner is then trained so
 that the model WITHOUT the system prompt matches the prompted model on those answers:

@@ -94,8 +94,9 @@ class TrainConfig:
         commands=("distill",),
     )
     samples_per_prompt: int = option(
-        2,
-        "teacher answers per instruction (sampled; identical answers to one instruction are kept once)",
+        1,
+        "teacher answers per instruction (with --temperature > 0; identical answers to one instruction "
+        "are kept once)",
         resumable=False,
         commands=("distill",),
     )

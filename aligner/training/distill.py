@@ -3,9 +3,8 @@
 The teacher is the base model WITH the system prompt, the student the same model WITHOUT it but
 with the Aligner; the teacher is the student's model under :func:`aligner.disabled`, so there is
 no second copy of the base model. First the teacher answers every instruction (its own
-continuations: by default two sampled answers each, at temperature 0.7, never repeating a run of
-three tokens, which keeps a small model's prompted answers from looping), then the Aligner is
-trained with one of two losses:
+continuations: by default greedy, never repeating a run of three tokens, which keeps a small
+model's prompted answers from looping), then the Aligner is trained with one of two losses:
 
 - ``kl`` (default): at every position of the teacher's continuation, KL(teacher || student) over
   the whole vocabulary, teacher logits computed on the fly under ``torch.no_grad`` (caching them
