@@ -21,14 +21,23 @@ def generate(
     progress: bool = True,
     desc: str = "generating",
     aligner_index: torch.Tensor | None = None,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
 ) -> list[str]:
     """Answers to chat prompts, in batches with left padding; greedy when ``temperature`` is 0.
-    ``aligner_index``: one bank index per prompt (-1: base model) for a model with a bank attached."""
+    ``aligner_index``: one bank index per prompt (-1: base model) for a model with a bank attached.
+    ``repetition_penalty`` (> 1 discourages tokens already in the prompt or answer) and
+    ``no_repeat_ngram_size`` (> 0: no n-gram of that size twice) are ``transformers``' own; 1.0 and
+    0 leave them off."""
     from tqdm.auto import tqdm
 
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     device = model.get_input_embeddings().weight.device
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
+    if repetition_penalty != 1.0:
+        options["repetition_penalty"] = repetition_penalty
+    if no_repeat_ngram_size:
+        options["no_repeat_ngram_size"] = no_repeat_ngram_size
     options.update(
         {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     )

@@ -1,21 +1,27 @@
 """Does a distilled Aligner follow its system prompt WITHOUT the prompt? SmolLM2-135M-Instruct, CPU.
 
-For each system prompt (a language, a format rule, a persona) the base model answers the training
-instructions WITH the prompt (greedy), then two Aligners are trained from those answers, with
-the same steps, learning rate and tokens: ``sft`` (cross-entropy on the answers' tokens, the old
-``distill``) and ``kl`` (KL to the prompted model's full next-token distribution, the new
-default). Every model then answers held-out instructions (other topics and wordings, written
-for this benchmark) greedily, and an automatic check per prompt says whether each reply follows
-the rule. Reported per prompt: the fraction of held-out replies that follow it for the base model
-without the prompt, the base model with it, and both Aligners without it; trainable parameters,
-steps and training wall time. Target: the KL Aligner >= 0.9 x the prompted base model.
+Three system prompts of different kinds that SmolLM2-135M-Instruct follows when prompted: a
+language ("Always answer in French."), a length rule ("Answer in exactly one short sentence.") and
+a persona (a grumpy old sailor who starts every reply with "Ahoy!"), each with an automatic check
+of a reply. For each prompt the base model answers the training instructions WITH the prompt (the
+teacher's continuations, made with ``aligner distill``'s teacher defaults: ``TrainConfig``'s
+``max_new_tokens``, ``temperature``, ``repetition_penalty``, ``no_repeat_ngram_size`` and
+``samples_per_prompt``, unless given here), then an Aligner is trained with the KL loss (the
+default of ``aligner distill``). The base model without the prompt, the base model with it and the
+distilled Aligner without it then answer held-out instructions greedily, and the check says
+whether each reply follows the rule. Target: the Aligner >= 0.9 x the prompted base model.
 
-    PYTHONPATH=. python benchmarks/bench_distill.py --threads 1                 # all prompts
+Training instructions: the 234 of ``prompts/train.txt`` (questions and short tasks of many kinds)
+and the 40 longer-answer ones below (explain, how-to, advice, describe, compare, creative, list,
+opinion, definition). Held-out: the 20 below (other topics and wordings), ``prompts/heldout.txt``
+(30, like training) and ``prompts/carry.txt`` (30, kinds never in training): 80 in all.
+
+    PYTHONPATH=. python benchmarks/bench_distill.py --threads 1                  # all prompts
     PYTHONPATH=. python benchmarks/bench_distill.py --threads 1 --prompts french --steps 40
 
-Each prompt costs 4 x 20 held-out replies, 40 teacher answers and two trainings of --steps steps;
-on a CPU shared with other jobs one training step took about a minute, so run it in the
-background. Results go to benchmarks/results/distill-cpu-smollm2.{json,md}, rewritten after each
+Reported per prompt: the three rates, the teacher's answers (how many, how often they follow the
+rule, how many repeat themselves, mean length), trainable parameters, steps, teacher and training
+wall time. Results go to benchmarks/results/distill-cpu-smollm2.{json,md}, rewritten after each
 prompt; rows of prompts not in this run are kept (each row records its own settings and date).
 """
 
@@ -35,15 +41,19 @@ import torch
 from aligner.files import write_atomic
 
 try:  # as a module of the benchmarks package, or as a script
-    from .answer_forms import SMOLLM2_GGUF, smollm2_directory
+    from .answer_forms import CARRY_INSTRUCTIONS, SMOLLM2_GGUF, smollm2_directory
+    from .answer_forms import HELDOUT_INSTRUCTIONS as LIKE_TRAINING
+    from .answer_forms import TRAIN_INSTRUCTIONS as SHORT_TRAINING
     from .common import RESULTS_DIR, environment
 except ImportError:
-    from answer_forms import SMOLLM2_GGUF, smollm2_directory
+    from answer_forms import CARRY_INSTRUCTIONS, SMOLLM2_GGUF, smollm2_directory
+    from answer_forms import HELDOUT_INSTRUCTIONS as LIKE_TRAINING
+    from answer_forms import TRAIN_INSTRUCTIONS as SHORT_TRAINING
     from common import RESULTS_DIR, environment
 
 # Written for this benchmark: varied kinds (explain, how-to, advice, describe, compare, creative,
 # list, opinion, definition), one a line. The held-out ones have other topics and wordings.
-TRAIN_INSTRUCTIONS = """
+LONG_TRAINING = """
 Explain how a rainbow forms.
 How do I plant tomato seeds?
 Give me advice for a job interview.
@@ -86,7 +96,7 @@ How do I fold a paper airplane?
 Why do people keep diaries?
 """.strip().splitlines()
 
-HELDOUT_INSTRUCTIONS = """
+OTHER_TOPICS = """
 Why is the sea salty?
 How do I bake simple cookies?
 Give me tips for running my first race.
@@ -109,6 +119,9 @@ Write a short welcome message for a new neighbour.
 How do bees help flowers?
 """.strip().splitlines()
 
+TRAIN_INSTRUCTIONS = SHORT_TRAINING + LONG_TRAINING
+HELDOUT_INSTRUCTIONS = OTHER_TOPICS + LIKE_TRAINING + CARRY_INSTRUCTIONS
+
 FRENCH_WORDS = set(
     "le la les de des du un une et est en que qui pour dans sur avec pas ce cette il elle nous vous "
     "sont au aux son sa ses leur par plus mais ou je tu on très comme être avoir fait peut".split()
@@ -117,10 +130,11 @@ ENGLISH_WORDS = set(
     "the a an and is are of to in that it for with on as this be you i was by not or but have can "
     "your they we my their will".split()
 )
-PIRATE_WORDS = set(
+# An old sea dog's words (not plain nouns such as sea or ship, which any answer about the sea has)
+SAILOR_WORDS = set(
     "arr arrr arrrr ahoy matey mateys ye yer aye hearty hearties landlubber landlubbers scallywag "
     "scallywags booty plunder grog shiver timbers pirate pirates buccaneer buccaneers avast yo-ho "
-    "seadog swashbuckler me-hearties".split()
+    "seadog swashbuckler me-hearties sailor sailors seafarer seafaring lad lads lass blimey".split()
 )
 
 
@@ -136,26 +150,31 @@ def is_french(reply: str) -> bool:
     return french >= 2 and french > english
 
 
-def speaks_pirate(reply: str) -> bool:
-    """At least one word from the pirate lexicon (possessives included)."""
-    return any(re.sub(r"'s$", "", t).strip("'-") in PIRATE_WORDS for t in words(reply))
+def speaks_sailor(reply: str) -> bool:
+    """In character: at least one word of an old sea dog's (ahoy, aye, matey, ye, ...; possessives
+    included)."""
+    return any(re.sub(r"'s$", "", t).strip("'-") in SAILOR_WORDS for t in words(reply))
 
 
-GREETING = re.compile(
-    r"^\W*(hello|hi|hey|greetings|good (morning|afternoon|evening|day)|welcome)\b", re.IGNORECASE
-)
+def one_sentence(reply: str) -> bool:
+    """Exactly one sentence, finished within the reply's token budget: it ends with . ! or ? and
+    has no other sentence end (a full stop followed by a space or a line break) before that."""
+    text = reply.strip()
+    return text[-1:] in (".", "!", "?") and re.search(r"[.!?]\s", text) is None
 
 
-def starts_with_greeting(reply: str) -> bool:
-    """The reply opens with a greeting (hello, hi, hey, greetings, good morning/afternoon/..., welcome)."""
-    return GREETING.match(reply) is not None
+def repeats_itself(answer: str) -> bool:
+    """A degenerate answer: some run of three words occurs twice (``Ahoy! Ahoy! Ahoy! Ahoy!``)."""
+    tokens = words(answer)
+    grams = [tuple(tokens[i : i + 3]) for i in range(len(tokens) - 2)]
+    return len(grams) != len(set(grams))
 
 
 # name: (system prompt, check on a reply)
 PROMPTS: dict[str, tuple[str, Callable[[str], bool]]] = {
     "french": ("Always answer in French.", is_french),
-    "format": ("Always begin your answer with a friendly greeting such as 'Hello!'.", starts_with_greeting),
-    "pirate": ("You are a pirate. Always talk like a pirate, saying 'Arr' and 'matey'.", speaks_pirate),
+    "sentence": ("Answer in exactly one short sentence.", one_sentence),
+    "sailor": ("You are a grumpy old sailor. Start every reply with 'Ahoy!'", speaks_sailor),
 }
 
 
@@ -166,6 +185,15 @@ def user(instruction: str, system: str | None = None) -> list[dict[str, str]]:
     ]
 
 
+TEACHER = (
+    "max_new_tokens",
+    "temperature",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "samples_per_prompt",
+)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -174,21 +202,52 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--steps",
         type=int,
-        default=30,
-        help="training steps of each Aligner (0: only base and prompted base)",
+        default=-1,
+        help="training steps of each Aligner (-1: TrainConfig's epochs, one pass over the teacher's "
+        "answers; 0: only base and prompted base)",
     )
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--num-tokens", type=int, default=10)
-    parser.add_argument("--start-layer", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: TrainConfig's)")
+    parser.add_argument("--lr-scheduler", default=None, help="schedule (default: TrainConfig's)")
+    parser.add_argument("--num-tokens", type=int, default=None, help="N (default: TrainConfig's)")
+    parser.add_argument("--start-layer", type=int, default=None, help="first layer (default: TrainConfig's)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--gen-batch-size", type=int, default=20, help="prompts per generate call")
-    parser.add_argument("--answer-tokens", type=int, default=32, help="length of the teacher's answers")
-    parser.add_argument("--reply-tokens", type=int, default=24, help="length of evaluated replies")
+    for name in TEACHER:  # the teacher's options: aligner distill's defaults unless given
+        kind = float if name in ("temperature", "repetition_penalty") else int
+        parser.add_argument(
+            "--" + name.replace("_", "-"), type=kind, default=None, help="default: TrainConfig's"
+        )
+    parser.add_argument("--train-limit", type=int, default=None, help="use the first N training instructions")
+    parser.add_argument("--gen-batch-size", type=int, default=40, help="prompts per generate call")
+    parser.add_argument("--reply-tokens", type=int, default=40, help="length of evaluated replies")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="distill-cpu-smollm2")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     return parser.parse_args(argv)
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """The run's recipe: TrainConfig's defaults where this run gives no value."""
+    from dataclasses import fields
+
+    from aligner.training import TrainConfig
+
+    default = {item.name: item.default for item in fields(TrainConfig)}
+    names = ("lr", "lr_scheduler", "num_tokens", "start_layer", *TEACHER)
+    chosen = {name: default[name] if getattr(args, name) is None else getattr(args, name) for name in names}
+    return chosen | {"batch_size": args.batch_size, "steps": args.steps, "seed": args.seed}
+
+
+def teacher_statistics(answers: list[str], check: Callable[[str], bool], tokenizer) -> dict:
+    """How the teacher's answers look: how many, the share that follows the rule, the share that
+    repeats itself (:func:`repeats_itself`), their mean length in tokens."""
+    lengths = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
+    return {
+        "answers": len(answers),
+        "follows": sum(map(check, answers)) / len(answers),
+        "repeats_itself": sum(map(repeats_itself, answers)) / len(answers),
+        "mean_tokens": sum(lengths) / len(lengths),
+    }
 
 
 def run(args: argparse.Namespace, record: Callable[[dict, dict], None]) -> None:
@@ -198,7 +257,9 @@ def run(args: argparse.Namespace, record: Callable[[dict, dict], None]) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    recipe = settings(args)
     model, tokenizer = load_model(str(smollm2_directory()), gguf_file=SMOLLM2_GGUF)
+    train_instructions = TRAIN_INSTRUCTIONS[: args.train_limit]
 
     def replies(system: str | None, name: str) -> list[str]:
         start = time.perf_counter()
@@ -213,75 +274,60 @@ def run(args: argparse.Namespace, record: Callable[[dict, dict], None]) -> None:
     for name in args.prompts:
         system, check = PROMPTS[name]
         print(f"{name}: {system!r}", flush=True)
-        rate = {"base": sum(map(check, base)) / len(base)}
         answers = {"base": base, "prompted base": replies(system, "prompted base")}
-        rate["prompted base"] = sum(map(check, answers["prompted base"])) / len(base)
+        row = {"prompt": name, "system_prompt": system, "held_out": len(HELDOUT_INSTRUCTIONS)}
+        row["base"] = sum(map(check, base)) / len(base)
+        row["prompted_base"] = sum(map(check, answers["prompted base"])) / len(base)
         if args.steps == 0:  # only how often the base model follows the rule, with and without it
-            row = {"prompt": name, "system_prompt": system, "held_out": len(HELDOUT_INSTRUCTIONS),
-                   "base": rate["base"], "prompted_base": rate["prompted base"], "steps": 0}  # fmt: skip
-            record(row, {key: _scored(value, check) for key, value in answers.items()})
+            record(row | {"steps": 0}, {key: _scored(value, check) for key, value in answers.items()})
             continue
         start = time.perf_counter()
         examples = distill_examples(
-            model, tokenizer, TRAIN_INSTRUCTIONS, system, max_new_tokens=args.answer_tokens,
-            batch_size=args.gen_batch_size, progress=False,
+            model, tokenizer, train_instructions, system, batch_size=args.gen_batch_size, seed=args.seed,
+            progress=False, **{key: recipe[key] for key in TEACHER},
         )  # fmt: skip
         teacher_seconds = time.perf_counter() - start
-        teacher_rate = sum(check(a) for _, a in examples) / len(examples)
-        runs = {}
-        for loss in ("sft", "kl"):
-            with tempfile.TemporaryDirectory() as out:
-                config = TrainConfig(
-                    output_dir=out, num_tokens=args.num_tokens, start_layer=args.start_layer, lr=args.lr,
-                    max_steps=args.steps, batch_size=args.batch_size, logging_steps=args.steps,
-                    save_steps=10**9, seed=args.seed, progress=False,
-                )  # fmt: skip
-                start = time.perf_counter()
-                summary = train_distill(model, tokenizer, examples, system, config, loss=loss)
-                seconds = time.perf_counter() - start
-            key = f"{loss} distill"
-            answers[key] = replies(None, key)
-            aligner.unpatch(model)
-            rate[key] = sum(map(check, answers[key])) / len(base)
-            runs[loss] = {"seconds": seconds, "train_loss": summary["train_loss"], "steps": summary["steps"]}
-            print(f"  {key}: {rate[key]:.2f} after {summary['steps']} steps, {seconds:.0f} s", flush=True)
-        ratio = rate["kl distill"] / rate["prompted base"] if rate["prompted base"] else None
-        row = {
-            "prompt": name,
-            "system_prompt": system,
-            "held_out": len(HELDOUT_INSTRUCTIONS),
-            "base": rate["base"],
-            "prompted_base": rate["prompted base"],
-            "sft_distill": rate["sft distill"],
-            "kl_distill": rate["kl distill"],
-            "kl_over_prompted": ratio,
+        teacher = teacher_statistics([a for _, a in examples], check, tokenizer)
+        print(f"  teacher: {teacher} in {teacher_seconds:.0f} s", flush=True)
+        with tempfile.TemporaryDirectory() as out:
+            config = TrainConfig(
+                output_dir=out, num_tokens=recipe["num_tokens"], start_layer=recipe["start_layer"],
+                lr=recipe["lr"], lr_scheduler=recipe["lr_scheduler"], max_steps=args.steps,
+                batch_size=args.batch_size, logging_steps=10, save_steps=10**9,
+                seed=args.seed, progress=False,
+            )  # fmt: skip
+            start = time.perf_counter()
+            summary = train_distill(model, tokenizer, examples, system, config)
+            seconds = time.perf_counter() - start
+            metrics = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        answers["distilled"] = replies(None, "distilled")
+        aligner.unpatch(model)
+        row["distilled"] = sum(map(check, answers["distilled"])) / len(base)
+        print(
+            f"  distilled: {row['distilled']:.2f} after {summary['steps']} steps, {seconds:.0f} s", flush=True
+        )
+        ratio = row["distilled"] / row["prompted_base"] if row["prompted_base"] else None
+        row |= {
+            "distilled_over_prompted": ratio,
             "target_met": ratio is not None and ratio >= 0.9,
             "trainable_parameters": summary["trainable_parameters"],
-            "steps": args.steps,
-            "sft_seconds": runs["sft"]["seconds"],
-            "kl_seconds": runs["kl"]["seconds"],
-            "sft_train_loss": runs["sft"]["train_loss"],
-            "kl_train_loss": runs["kl"]["train_loss"],
-            "teacher_answers": len(examples),
-            "teacher_follows": teacher_rate,
+            "steps": summary["steps"],
+            "train_seconds": seconds,
+            "train_loss": summary["train_loss"],
+            "log": [
+                {k: r[k] for k in ("step", "loss", "top1_agreement") if k in r}
+                for r in metrics
+                if "loss" in r
+            ],
+            "teacher": teacher,
             "teacher_seconds": teacher_seconds,
-            "settings": {
-                k: getattr(args, k)
-                for k in (
-                    "lr",
-                    "num_tokens",
-                    "start_layer",
-                    "batch_size",
-                    "gen_batch_size",
-                    "threads",
-                    "answer_tokens",
-                    "reply_tokens",
-                    "seed",
-                )
-            },
+            "train_instructions": len(train_instructions),
+            "settings": recipe | {"threads": args.threads, "reply_tokens": args.reply_tokens},
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         record(row, {key: _scored(value, check) for key, value in answers.items()})
+        teacher_rows = [{"instruction": p[0]["content"], "answer": a} for p, a in examples]
+        record_teacher(args, name, teacher_rows)
 
 
 def _scored(replies: list[str], check: Callable[[str], bool]) -> list[dict]:
@@ -298,25 +344,38 @@ def _cell(row: dict, key: str, form: str, unit: str = "") -> str:
 
 def markdown(rows: list[dict], env: dict) -> str:
     lines = [
-        f"Device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}\n",
-        "SmolLM2-135M-Instruct; fraction of held-out instructions whose greedy reply follows the "
-        "system prompt's rule (base and distilled Aligners WITHOUT the prompt).\n",
-        "| system prompt | check | base | prompted base | SFT distill (old) | KL distill (new) "
-        "| KL / prompted | trainable params | steps | SFT time | KL time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"Device: {env['device']}, shared with other jobs (timings under contention); "
+        f"torch {env['torch']}, transformers {env['transformers']}\n",
+        "SmolLM2-135M-Instruct; fraction of the held-out instructions whose greedy reply follows the "
+        "system prompt's rule: the base model without and with the prompt, the distilled Aligner "
+        "(KL) WITHOUT the prompt. Teacher: its answers to the training instructions (how many, "
+        "share that follows the rule, share that repeats itself).\n",
+        "| system prompt | check | held-out | base | prompted base | distilled | distilled / prompted "
+        "| teacher answers (follow, repeat) | trainable params | steps | teacher time | train time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        cells = [
-            row["system_prompt"],
-            row["prompt"],
-            _cell(row, "base", ".2f"),
-            _cell(row, "prompted_base", ".2f"),
-        ]
-        cells += [_cell(row, key, ".2f") for key in ("sft_distill", "kl_distill", "kl_over_prompted")]
+        teacher = row.get("teacher")
+        cells = [row["system_prompt"], row["prompt"], str(row["held_out"])]
+        cells += [_cell(row, key, ".2f") for key in ("base", "prompted_base", "distilled")]
+        cells.append(_cell(row, "distilled_over_prompted", ".2f"))
+        cells.append(
+            "not run" if teacher is None
+            else f"{teacher['answers']} ({teacher['follows']:.2f}, {teacher['repeats_itself']:.2f})"
+        )  # fmt: skip
         cells += [_cell(row, "trainable_parameters", ","), str(row["steps"])]
-        cells += [_cell(row, "sft_seconds", ".0f", " s"), _cell(row, "kl_seconds", ".0f", " s")]
+        cells += [_cell(row, "teacher_seconds", ".0f", " s"), _cell(row, "train_seconds", ".0f", " s")]
         lines.append("| " + " | ".join(cells) + " |")
+    recipes = {json.dumps(row["settings"], sort_keys=True) for row in rows if "settings" in row}
+    for recipe in sorted(recipes):
+        lines.append(f"\nRecipe: `{recipe}`")
     return "\n".join(lines) + "\n"
+
+
+def record_teacher(args: argparse.Namespace, name: str, rows: list[dict]) -> None:
+    """The teacher's answers of prompt ``name`` (what the Aligner was trained on), one JSON a line."""
+    path = args.results_dir / f"{args.output}-teacher-{name}.jsonl"
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def record_row(args: argparse.Namespace, row: dict, samples: dict) -> None:

@@ -19,9 +19,12 @@ from tiny_models import save_tiny_model  # noqa: E402
 
 import aligner  # noqa: E402
 from aligner.cli import EXIT_ERROR, main  # noqa: E402
+from aligner.generation import generate  # noqa: E402
 from aligner.models import load_model  # noqa: E402
-from aligner.training import TrainConfig, distill_kl, train_distill  # noqa: E402
+from aligner.options import OptionError  # noqa: E402
+from aligner.training import TrainConfig, distill_examples, distill_kl, train_distill  # noqa: E402
 from aligner.training.distill import (  # noqa: E402
+    TEACHER_OPTIONS,
     AlignerDistillTrainer,
     distill_collator,
     tokenize_distill,
@@ -194,6 +197,105 @@ def test_train_distill_bad_values(tiny, tmp_path, loss, system, match):
         train_distill(model, tokenizer, EXAMPLES, system, TrainConfig(output_dir=str(tmp_path)), loss=loss)
 
 
+def _new_tokens(model, tokenizer, prompts, **options) -> list[list[int]]:
+    """The token ids ``generate`` produced for each prompt (pads and end of text left out)."""
+    produced = []
+    original = model.generate
+
+    def recording(**kwargs):
+        out = original(**kwargs)
+        produced.extend(out[:, kwargs["input_ids"].shape[1] :].tolist())
+        return out
+
+    model.generate = recording
+    try:
+        generate(model, tokenizer, prompts, batch_size=2, progress=False, **options)
+    finally:
+        del model.generate
+    ends = {tokenizer.pad_token_id, tokenizer.eos_token_id}
+    return [[t for t in row if t not in ends] for row in produced]
+
+
+def test_generate_no_repeat_ngram_size_and_repetition_penalty(tiny):
+    """The tiny random model repeats itself greedily; with no_repeat_ngram_size=1 no answer holds a
+    token twice, and a strong repetition penalty changes the answers."""
+    model, tokenizer = tiny
+    prompts = [[{"role": "user", "content": c}] for c in ("name a color", "what do bees make")]
+    plain = _new_tokens(model, tokenizer, prompts, max_new_tokens=16)
+    assert any(len(set(row)) < len(row) for row in plain)  # something to prevent
+    for row in _new_tokens(model, tokenizer, prompts, max_new_tokens=16, no_repeat_ngram_size=1):
+        assert row and len(set(row)) == len(row)
+    assert _new_tokens(model, tokenizer, prompts, max_new_tokens=16, repetition_penalty=50.0) != plain
+
+
+def test_distill_examples_samples_per_prompt(tiny):
+    """Several answers per prompt, in the prompts' order; identical answers to one prompt are kept
+    once (greedy: one each), and the same seed gives the same sampled answers."""
+    model, tokenizer = tiny
+    prompts = ["name a color", "what do bees make", "how many legs does a spider have"]
+    options = dict(max_new_tokens=6, batch_size=4, progress=False)
+    greedy = distill_examples(model, tokenizer, prompts, SYSTEM, samples_per_prompt=3, **options)
+    assert [m[0]["content"] for m, _ in greedy] == prompts
+    sampled = distill_examples(
+        model, tokenizer, prompts, SYSTEM, samples_per_prompt=3, temperature=1.5, seed=1, **options
+    )
+    order = [prompts.index(m[0]["content"]) for m, _ in sampled]
+    assert order == sorted(order) and len(sampled) > len(prompts)
+    for prompt in prompts:
+        answers = [a for m, a in sampled if m[0]["content"] == prompt]
+        assert 1 <= len(answers) <= 3 and len(set(answers)) == len(answers)
+    again = distill_examples(
+        model, tokenizer, prompts, SYSTEM, samples_per_prompt=3, temperature=1.5, seed=1, **options
+    )
+    assert again == sampled
+    with pytest.raises(ValueError, match="samples_per_prompt must be >= 1"):
+        distill_examples(model, tokenizer, prompts, SYSTEM, samples_per_prompt=0, **options)
+
+
+def test_teacher_defaults_are_train_configs():
+    """distill_examples' defaults are TrainConfig's fields (the flags of aligner distill)."""
+    import inspect
+
+    config = TrainConfig(output_dir="x")
+    parameters = inspect.signature(distill_examples).parameters
+    for name in TEACHER_OPTIONS:
+        assert parameters[name].default == getattr(config, name), name
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        ({"temperature": -0.5}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size"),
+        ({"no_repeat_ngram_size": 1.5}, "no_repeat_ngram_size"),
+        ({"samples_per_prompt": 0}, "samples_per_prompt"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+    ],
+)
+def test_teacher_options_are_checked(values, match):
+    with pytest.raises(OptionError, match=match):
+        TrainConfig(output_dir="x", **values)
+
+
+def test_cli_distill_teacher_options(tiny_dir, tmp_path, capsys):
+    """--samples-per-prompt, --temperature, --repetition-penalty and --no-repeat-ngram-size reach
+    the teacher: several sampled answers per instruction in distilled.jsonl."""
+    rows = [{"instruction": "name a color"}, {"prompt": "what do bees make"}]
+    data = write_jsonl(tmp_path / "i.jsonl", rows)
+    out = tmp_path / "out"
+    teacher = ["--samples-per-prompt", "3", "--temperature", "1.5", "--repetition-penalty", "1.3"]
+    teacher += ["--no-repeat-ngram-size", "2", "--max-new-tokens", "6"]
+    argv = ["distill", str(tiny_dir), "--data", str(data), "--system-prompt", SYSTEM, *teacher]
+    code = main([*argv, "--output-dir", str(out), "--json", *FAST])
+    assert code == 0, capsys.readouterr().err
+    distilled = [json.loads(line) for line in (out / "distilled.jsonl").read_text().splitlines()]
+    firsts = [row["messages"][0]["content"] for row in distilled]
+    assert len(distilled) > 2 and set(firsts) == {"name a color", "what do bees make"}
+    assert all(1 <= firsts.count(prompt) <= 3 for prompt in set(firsts))
+
+
 @pytest.mark.parametrize("loss", ["kl", "sft"])
 def test_cli_distill(tiny_dir, tmp_path, capsys, loss):
     data = write_jsonl(
@@ -220,7 +322,9 @@ def test_cli_distill(tiny_dir, tmp_path, capsys, loss):
     [
         (["--loss", "mse"], "invalid choice: 'mse'"),
         (["--temperature", "-1"], "--temperature must be >= 0"),
-        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1"),
+        (["--samples-per-prompt", "0"], "--samples-per-prompt must be an integer >= 1"),
+        (["--repetition-penalty", "0"], "--repetition-penalty must be a finite number > 0"),
     ],
 )
 def test_cli_distill_bad_values(tiny_dir, tmp_path, capsys, extra, message):
@@ -248,13 +352,17 @@ def test_cli_distill_empty_system_prompt(tiny_dir, tmp_path, capsys):
 def test_benchmark_rule_checks():
     """The automatic checks benchmarks/bench_distill.py scores replies with."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-    from bench_distill import is_french, speaks_pirate, starts_with_greeting
+    from bench_distill import is_french, one_sentence, repeats_itself, speaks_sailor
 
     assert is_french("La lumière de l'hiver est blanche, et le ciel est clair.")
     assert is_french("C'est la vie: l'amusement de la cuisine.")
     assert not is_french("The sky is blue because of Rayleigh scattering.")
     assert not is_french("Café au lait is a drink that I like in the morning.")
-    assert speaks_pirate("Arr, the sea be calm today") and speaks_pirate("A computer, a pirate's favourite.")
-    assert not speaks_pirate("The ship sailed across the sea.")
-    assert starts_with_greeting("Hello! Here is") and starts_with_greeting("**Hey there**, buddy")
-    assert not starts_with_greeting("Highly useful") and not starts_with_greeting("The answer is hello")
+    assert speaks_sailor("Arr, the sea be calm today") and speaks_sailor("Ahoy! A compass, ye say?")
+    assert speaks_sailor("A computer, a pirate's favourite.") and speaks_sailor("Aye, it's cold.")
+    assert not speaks_sailor("The ship sailed across the sea.")
+    assert one_sentence("The capital of Egypt is Cairo.") and one_sentence("Is it 3.5 m long? ")
+    assert not one_sentence("Cairo. It is big.") and not one_sentence("A bicycle has two wheels and")
+    assert not one_sentence("1. Spring\n2. Summer.")
+    assert repeats_itself("Ahoy! Ahoy! Ahoy! Ahoy!") and repeats_itself("Aye, aye, aye, aye, aye")
+    assert not repeats_itself("Ahoy! A compass, ye say? Ahoy, it points north.")

@@ -19,7 +19,6 @@ from . import loading
 from .arguments import (
     add_command,
     add_fields,
-    check_generation,
     check_revision,
     model_arguments,
     output_arguments,
@@ -39,9 +38,11 @@ SFT Aligner with --init-aligner (otherwise the fresh Aligner equals the referenc
 
 DISTILL_HELP = """Bake a system prompt into an Aligner (context distillation).
 
-The base model first answers every instruction WITH the system prompt (greedy, or sampled with
---temperature); the pairs are kept in OUTPUT_DIR/distilled.jsonl. The Aligner is then trained
-so that the model WITHOUT the system prompt matches the prompted model on those answers:
+The base model first answers every instruction WITH the system prompt: greedy by default (or
+--samples-per-prompt answers each, sampled at --temperature), never repeating a run of
+--no-repeat-ngram-size tokens (a small model's prompted answers otherwise often loop: "Ahoy! Ahoy!
+Ahoy! ..."); the pairs are kept in OUTPUT_DIR/distilled.jsonl. The Aligner is then trained so
+that the model WITHOUT the system prompt matches the prompted model on those answers:
 
   --loss kl   (default) KL(teacher || student) over the whole vocabulary at every answer token;
               the teacher is the same model with the Aligner disabled plus the system prompt
@@ -98,17 +99,8 @@ def add_commands(commands: Any) -> None:
     source = distill.add_mutually_exclusive_group(required=True)
     source.add_argument("--system-prompt", help="the system prompt to bake in")
     source.add_argument("--system-prompt-file", help="file holding the system prompt")
-    distill.add_argument(
-        "--max-new-tokens", type=int, default=128, help="answer length when generating targets"
-    )
     distill.add_argument("--loss", default="kl", choices=["kl", "sft"], help="distillation loss (see above)")
     revision_argument(distill, "--init-aligner")
-    distill.add_argument(
-        "--temperature",
-        type=float,
-        default=0.0,
-        help="sampling temperature of the teacher's answers; 0: greedy",
-    )
     output_arguments(distill, progress=False)
     _training_arguments(distill, "distill")
 
@@ -213,6 +205,7 @@ def cmd_dpo(args: argparse.Namespace, console: Console) -> None:
 def cmd_distill(args: argparse.Namespace, console: Console) -> None:
     from ..outputs import OutputDir, read_manifest
     from ..training import distill_examples, prompt_examples, train_distill, write_jsonl
+    from ..training.distill import TEACHER_OPTIONS
 
     config = _config(args, console)
     if args.system_prompt_file:
@@ -224,7 +217,6 @@ def cmd_distill(args: argparse.Namespace, console: Console) -> None:
         system = args.system_prompt.strip()
     if not system:
         raise ValueError("the system prompt is empty: give the text to bake in with --system-prompt")
-    check_generation(args)
     prompts = prompt_examples(args.data)
     _check_training(args, config, "distill")
     model, tokenizer = loading.load_base(args)
@@ -233,9 +225,8 @@ def cmd_distill(args: argparse.Namespace, console: Console) -> None:
         tokenizer,
         prompts,
         system,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        temperature=args.temperature,
+        batch_size=config.batch_size,
+        **{name: getattr(config, name) for name in TEACHER_OPTIONS},
         seed=config.seed,
         progress=config.progress,
     )

@@ -71,6 +71,35 @@ class TrainConfig:
     save_total_limit: int = option(2, "checkpoints kept (the oldest are deleted)")
     seed: int = option(0, "random seed", resumable=False)
     beta: float = option(0.1, "DPO temperature beta", resumable=False, commands=("dpo",))
+    # distill: how the prompted model (the teacher) answers the instructions
+    max_new_tokens: int = option(
+        128, "length of the teacher's answers (tokens)", resumable=False, commands=("distill",)
+    )
+    temperature: float = option(
+        0.0,
+        "sampling temperature of the teacher's answers; 0: greedy",
+        resumable=False,
+        commands=("distill",),
+    )
+    repetition_penalty: float = option(
+        1.0,
+        "repetition penalty of the teacher's answers (> 1 discourages repeated tokens; 1: off)",
+        resumable=False,
+        commands=("distill",),
+    )
+    no_repeat_ngram_size: int = option(
+        3,
+        "the teacher's answers never repeat an n-gram of this many tokens (0: off)",
+        resumable=False,
+        commands=("distill",),
+    )
+    samples_per_prompt: int = option(
+        1,
+        "teacher answers per instruction (with --temperature > 0; identical answers to one instruction "
+        "are kept once)",
+        resumable=False,
+        commands=("distill",),
+    )
     progress: bool = option(True, "progress bars (on stderr)")
     callbacks: list[TrainerCallback] = option(list, "extra transformers TrainerCallbacks", cli=False)
 
@@ -79,6 +108,7 @@ class TrainConfig:
             raise OptionError("{output_dir} is required: where the Aligner and its checkpoints go")
         self.aligner_config()  # num_tokens and start_layer
         positive = ("batch_size", "grad_accum", "max_length", "logging_steps", "save_steps")
+        positive += ("max_new_tokens", "samples_per_prompt")
         for name in (*positive, "save_total_limit"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -98,6 +128,15 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise OptionError(f"{{{name}}} must be a finite number > 0, got {value!r}")
+        temperature = self.temperature
+        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+            raise OptionError(f"{{temperature}} must be >= 0 and finite (0: greedy), got {temperature!r}")
+        ngram = self.no_repeat_ngram_size
+        if isinstance(ngram, bool) or not isinstance(ngram, int) or ngram < 0:
+            raise OptionError(f"{{no_repeat_ngram_size}} must be an integer >= 0 (0: off), got {ngram!r}")
+        penalty = self.repetition_penalty
+        if not isinstance(penalty, (int, float)) or not math.isfinite(penalty) or penalty <= 0:
+            raise OptionError(f"{{repetition_penalty}} must be a finite number > 0 (1: off), got {penalty!r}")
         if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
             raise OptionError(f"{{weight_decay}} must be a finite number >= 0, got {self.weight_decay!r}")
         if self.lr_scheduler not in SCHEDULERS:

@@ -3,7 +3,8 @@
 The teacher is the base model WITH the system prompt, the student the same model WITHOUT it but
 with the Aligner; the teacher is the student's model under :func:`aligner.disabled`, so there is
 no second copy of the base model. First the teacher answers every instruction (its own
-continuations), then the Aligner is trained with one of two losses:
+continuations: by default greedy, never repeating a run of three tokens, which keeps a small
+model's prompted answers from looping), then the Aligner is trained with one of two losses:
 
 - ``kl`` (default): at every position of the teacher's continuation, KL(teacher || student) over
   the whole vocabulary, teacher logits computed on the fly under ``torch.no_grad`` (caching them
@@ -15,6 +16,8 @@ continuations), then the Aligner is trained with one of two losses:
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -37,34 +40,54 @@ def system_messages(system_prompt: str, prompt: str) -> Messages:
     return [{"role": "system", "content": system_prompt}, {"role": "user", "content": prompt}]
 
 
+# TrainConfig's fields that say how the teacher answers (distill_examples' keywords of the same names)
+TEACHER_OPTIONS = (
+    "max_new_tokens", "temperature", "repetition_penalty", "no_repeat_ngram_size", "samples_per_prompt"
+)  # fmt: skip
+_DEFAULT = {item.name: item.default for item in fields(TrainConfig)}
+
+
 def distill_examples(
     model: Any,
     tokenizer: Any,
     prompts: list[str],
     system_prompt: str,
     *,
-    max_new_tokens: int = 128,
+    max_new_tokens: int = _DEFAULT["max_new_tokens"],
     batch_size: int = 8,
-    temperature: float = 0.0,
+    temperature: float = _DEFAULT["temperature"],
+    repetition_penalty: float = _DEFAULT["repetition_penalty"],
+    no_repeat_ngram_size: int = _DEFAULT["no_repeat_ngram_size"],
+    samples_per_prompt: int = _DEFAULT["samples_per_prompt"],
     seed: int | None = None,
     progress: bool = True,
 ) -> list[tuple[Messages, str]]:
     """The base model's answers WITH ``system_prompt`` (the teacher's continuations), paired with
-    the prompts WITHOUT it; empty answers are dropped. A model carrying an Aligner answers with it
-    disabled. ``seed`` (when given) makes sampled answers (``temperature`` > 0) the same every run."""
+    the prompts WITHOUT it: ``samples_per_prompt`` answers to each prompt, in the prompts' order;
+    empty answers are dropped, and an answer identical to an earlier one to the same prompt is
+    kept once. A model carrying an Aligner answers with it disabled. The generation options
+    (defaults: ``TrainConfig``'s, which ``aligner distill``'s flags come from) are
+    :func:`aligner.generation.generate`'s. ``seed`` (when given) makes sampled answers
+    (``temperature`` > 0) the same every run."""
     if seed is not None:
         set_seed(seed)
-    with_system = [system_messages(system_prompt, p) for p in prompts]
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+    with_system = [system_messages(system_prompt, p) for p in prompts for _ in range(samples_per_prompt)]
     options = dict(
         max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
+        repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
         progress=progress, desc="answering with the system prompt",
     )  # fmt: skip
-    if hasattr(model, "aligner_state"):
-        with disabled(model):
-            answers = generate(model, tokenizer, with_system, **options)
-    else:
+    with disabled(model) if hasattr(model, "aligner_state") else contextlib.nullcontext():
         answers = generate(model, tokenizer, with_system, **options)
-    return [([{"role": "user", "content": p}], a) for p, a in zip(prompts, answers) if a]
+    examples, seen = [], set()
+    for index, answer in enumerate(answers):
+        prompt = prompts[index // samples_per_prompt]
+        if answer and (prompt, answer) not in seen:
+            seen.add((prompt, answer))
+            examples.append(([{"role": "user", "content": prompt}], answer))
+    return examples
 
 
 def tokenize_distill(
