@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from aligner.files import write_atomic
+from aligner.training.distill import TEACHER_OPTIONS
 
 try:  # as a module of the benchmarks package, or as a script
     from .answer_forms import CARRY_INSTRUCTIONS, SMOLLM2_GGUF, smollm2_directory
@@ -185,13 +186,7 @@ def user(instruction: str, system: str | None = None) -> list[dict[str, str]]:
     ]
 
 
-TEACHER = (
-    "max_new_tokens",
-    "temperature",
-    "repetition_penalty",
-    "no_repeat_ngram_size",
-    "samples_per_prompt",
-)
+TEACHER = TEACHER_OPTIONS
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

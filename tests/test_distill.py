@@ -230,12 +230,13 @@ def test_generate_no_repeat_ngram_size_and_repetition_penalty(tiny):
 
 def test_distill_examples_samples_per_prompt(tiny):
     """Several answers per prompt, in the prompts' order; identical answers to one prompt are kept
-    once (greedy: one each), and the same seed gives the same sampled answers."""
+    once, and the same seed gives the same sampled answers; greedy answers would all be the same,
+    so more than one needs a temperature."""
     model, tokenizer = tiny
     prompts = ["name a color", "what do bees make", "how many legs does a spider have"]
     options = dict(max_new_tokens=6, batch_size=4, progress=False)
-    greedy = distill_examples(model, tokenizer, prompts, SYSTEM, samples_per_prompt=3, **options)
-    assert [m[0]["content"] for m, _ in greedy] == prompts
+    with pytest.raises(ValueError, match="samples_per_prompt=3 needs temperature > 0"):
+        distill_examples(model, tokenizer, prompts, SYSTEM, samples_per_prompt=3, **options)
     sampled = distill_examples(
         model, tokenizer, prompts, SYSTEM, samples_per_prompt=3, temperature=1.5, seed=1, **options
     )

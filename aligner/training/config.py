@@ -131,6 +131,11 @@ class TrainConfig:
         temperature = self.temperature
         if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
             raise OptionError(f"{{temperature}} must be >= 0 and finite (0: greedy), got {temperature!r}")
+        if self.samples_per_prompt > 1 and temperature == 0:
+            raise OptionError(
+                "{samples_per_prompt} > 1 needs {temperature} > 0: greedy answers to one instruction are "
+                "all the same"
+            )
         ngram = self.no_repeat_ngram_size
         if isinstance(ngram, bool) or not isinstance(ngram, int) or ngram < 0:
             raise OptionError(f"{{no_repeat_ngram_size}} must be an integer >= 0 (0: off), got {ngram!r}")

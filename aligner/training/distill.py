@@ -73,6 +73,11 @@ def distill_examples(
         set_seed(seed)
     if samples_per_prompt < 1:
         raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+    if samples_per_prompt > 1 and temperature == 0:
+        raise ValueError(
+            f"samples_per_prompt={samples_per_prompt} needs temperature > 0: greedy answers to one prompt "
+            "are all the same"
+        )
     with_system = [system_messages(system_prompt, p) for p in prompts for _ in range(samples_per_prompt)]
     options = dict(
         max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
