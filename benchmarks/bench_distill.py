@@ -198,11 +198,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--steps",
         type=int,
         default=-1,
-        help="training steps of each Aligner (-1: TrainConfig's epochs, one pass over the teacher's "
+        help="training steps of each Aligner (-1: aligner distill's epochs, one pass over the teacher's "
         "answers; 0: only base and prompted base)",
     )
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: TrainConfig's)")
-    parser.add_argument("--lr-scheduler", default=None, help="schedule (default: TrainConfig's)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: aligner distill's)")
+    parser.add_argument("--lr-scheduler", default=None, help="schedule (default: aligner distill's)")
+    parser.add_argument("--epochs", type=float, default=None, help="epochs (default: aligner distill's)")
     parser.add_argument("--num-tokens", type=int, default=None, help="N (default: TrainConfig's)")
     parser.add_argument("--start-layer", type=int, default=None, help="first layer (default: TrainConfig's)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -222,13 +223,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def settings(args: argparse.Namespace) -> dict:
-    """The run's recipe: TrainConfig's defaults where this run gives no value."""
+    """The run's recipe: `aligner distill`'s defaults where this run gives no value."""
     from dataclasses import fields
 
     from aligner.training import TrainConfig
+    from aligner.training.config import COMMAND_DEFAULTS
 
-    default = {item.name: item.default for item in fields(TrainConfig)}
-    names = ("lr", "lr_scheduler", "num_tokens", "start_layer", *TEACHER)
+    default = {item.name: item.default for item in fields(TrainConfig)} | COMMAND_DEFAULTS["distill"]
+    names = ("lr", "lr_scheduler", "epochs", "num_tokens", "start_layer", *TEACHER)
     chosen = {name: default[name] if getattr(args, name) is None else getattr(args, name) for name in names}
     return chosen | {"batch_size": args.batch_size, "steps": args.steps, "seed": args.seed}
 
@@ -287,7 +289,8 @@ def run(args: argparse.Namespace, record: Callable[[dict, dict], None]) -> None:
         with tempfile.TemporaryDirectory() as out:
             config = TrainConfig(
                 output_dir=out, num_tokens=recipe["num_tokens"], start_layer=recipe["start_layer"],
-                lr=recipe["lr"], lr_scheduler=recipe["lr_scheduler"], max_steps=args.steps,
+                lr=recipe["lr"], lr_scheduler=recipe["lr_scheduler"], epochs=recipe["epochs"],
+                max_steps=args.steps,
                 batch_size=args.batch_size, logging_steps=10, save_steps=10**9,
                 seed=args.seed, progress=False,
             )  # fmt: skip

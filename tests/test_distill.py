@@ -367,3 +367,20 @@ def test_benchmark_rule_checks():
     assert not one_sentence("1. Spring\n2. Summer.")
     assert repeats_itself("Ahoy! Ahoy! Ahoy! Ahoy!") and repeats_itself("Aye, aye, aye, aye, aye")
     assert not repeats_itself("Ahoy! A compass, ye say? Ahoy, it points north.")
+
+
+def test_bench_defaults_rules():
+    """The sign-off check, the cut of prompted replies into targets and the run lengths of
+    benchmarks/bench_defaults.py (the benchmark itself needs SmolLM2 and an hour)."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from bench_defaults import SIGNOFF, parse_args, parse_length, sentences, signs_off
+
+    assert signs_off(f"Paris.\n\n{SIGNOFF}") and signs_off(f"Paris. {SIGNOFF}  \n")
+    assert not signs_off(SIGNOFF) and not signs_off(f"{SIGNOFF}\nParis.") and not signs_off("Paris.")
+    assert sentences("Arr, matey! The sea be wide. And deep.") == "Arr, matey! The sea be wide."
+    assert sentences("One. Two.\nThree.") == "One. Two." and sentences("No end in sight") == ""
+    assert sentences("word " * 50 + ".") == ""  # too long to be a target
+    assert parse_length("120") == {"epochs": 1.0, "max_steps": 120}
+    assert parse_length("3ep") == {"epochs": 3.0, "max_steps": -1}
+    args = parse_args(["--behaviours", "caps", "--steps", "2"])
+    assert args.behaviours == ["caps"] and args.settings[:2] == ["old-default", "recipe"]

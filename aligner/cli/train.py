@@ -57,16 +57,19 @@ Instructions: JSON/JSONL rows with "instruction" (+ optional "input") or "prompt
 INHERITED = tuple(item.name for item in dataclasses.fields(AlignerConfig) if item.metadata.get("cli", True))
 
 
-def _training_arguments(parser: argparse.ArgumentParser, command: str, **defaults: Any) -> None:
-    """The training flags, generated from TrainConfig's fields and their help metadata; added when
-    the command's parser is first used (importing TrainConfig takes seconds)."""
-    parser.defer(lambda parser: _add_training_arguments(parser, command, defaults))
+def _training_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """The training flags, generated from TrainConfig's fields and their help metadata (defaults: the
+    command's own, ``COMMAND_DEFAULTS``, else TrainConfig's); added when the command's parser is
+    first used (importing TrainConfig takes seconds)."""
+    parser.defer(lambda parser: _add_training_arguments(parser, command))
 
 
-def _add_training_arguments(parser: argparse.ArgumentParser, command: str, defaults: dict[str, Any]) -> None:
+def _add_training_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Imports the training stack: called when the command's parser is first used."""
     from ..training import TrainConfig
+    from ..training.config import COMMAND_DEFAULTS
 
+    defaults = COMMAND_DEFAULTS.get(command, {})
     add_fields(parser.add_argument_group("training"), TrainConfig, command, defaults, inherited=INHERITED)
 
 
@@ -91,7 +94,7 @@ def add_commands(commands: Any) -> None:
     dpo.add_argument("--data", required=True, help="preference pairs (.json or .jsonl)")
     revision_argument(dpo, "--init-aligner")
     output_arguments(dpo, progress=False)
-    _training_arguments(dpo, "dpo", lr=1e-3)
+    _training_arguments(dpo, "dpo")
 
     distill = add_command(commands, "distill", "bake a system prompt into an Aligner", DISTILL_HELP)
     model_arguments(distill)

@@ -1,7 +1,15 @@
 """``TrainConfig``: the options of a training run, the one source of the training command-line flags
 (each field's help text is in its metadata, as PEFT's configs do; ``aligner.cli`` builds the flags
 from them). The Aligner's own fields (``num_tokens``, ``start_layer``) are ``AlignerConfig``'s: their
-defaults, help and checks come from there."""
+defaults, help and checks come from there (``start_layer`` 2, the paper's: steering every layer
+from 0 was not better in benchmarks/RESULTS.md's measurements).
+
+The defaults of a fresh run (``lr``, ``lr_scheduler``, ``epochs``) are the setting
+that worked best for a first SFT run of a few hundred rows, measured on SmolLM2-135M-Instruct over
+four behaviours of different kinds (a form, a sign-off, a persona, a language) by
+``benchmarks/bench_defaults.py``; the table is in benchmarks/RESULTS.md. ``aligner dpo`` and
+``aligner distill`` keep the lr, constant schedule and one epoch they were measured with
+(``COMMAND_DEFAULTS``, their flags' defaults); from Python, ``TrainConfig`` has SFT's."""
 
 from __future__ import annotations
 
@@ -15,6 +23,13 @@ from ..config import AlignerConfig
 from ..options import OptionError
 
 SCHEDULERS = tuple(kind.value for kind in SchedulerType)
+DEFAULTS_MEASURED = "measured on SmolLM2-135M over 4 behaviours, see benchmarks/RESULTS.md"
+# The commands whose defaults differ from TrainConfig's (SFT's): the settings they were measured with
+# (benchmarks/bench_trl.py, benchmarks/bench_distill.py). The command line's flags take them.
+COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dpo": {"lr": 1e-3, "lr_scheduler": "constant", "epochs": 1.0},
+    "distill": {"lr": 9e-3, "lr_scheduler": "constant", "epochs": 1.0},
+}
 
 
 def option(default: Any = None, help: str = "", *, resumable: bool = True, **metadata: Any) -> Any:
@@ -55,11 +70,27 @@ class TrainConfig:
     init_aligner: str | None = option(
         None, "start from this saved Aligner instead of a fresh one", resumable=False
     )
-    lr: float = option(9e-3, "learning rate", resumable=False)
-    lr_scheduler: str = option("constant", "learning-rate schedule", resumable=False, choices=SCHEDULERS)
+    lr: float = option(
+        3e-2,
+        "learning rate; train: 3e-2, which with the cosine schedule did as well as or better than 9e-3 "
+        f"constant, {DEFAULTS_MEASURED}; dpo 1e-3 and distill 9e-3, with a constant schedule and one "
+        "epoch, the settings they were measured with",
+        resumable=False,
+    )
+    lr_scheduler: str = option(
+        "cosine",
+        "learning-rate schedule (train: cosine, to 0 at the last step; dpo and distill: constant)",
+        resumable=False,
+        choices=SCHEDULERS,
+    )
     warmup_steps: int = option(0, "learning-rate warm-up steps", resumable=False)
     weight_decay: float = option(0.0, "AdamW weight decay", resumable=False)
-    epochs: float = option(1.0, "training epochs")
+    epochs: float = option(
+        7.0,
+        "training epochs; train: 7, 210 steps for 234 rows at batch 8, the length of the README's recipe "
+        f"(2 epochs left the form, the persona and the language short of it), {DEFAULTS_MEASURED}; dpo "
+        "and distill: 1",
+    )
     max_steps: int = option(-1, "stop after this many optimizer steps (overrides the epochs; -1: no limit)")
     batch_size: int = option(8, "per-device batch size", resumable=False)
     grad_accum: int = option(1, "gradient accumulation steps", resumable=False)
