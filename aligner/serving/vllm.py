@@ -56,8 +56,8 @@ from ..bank import AlignerBank
 BANK_KEY = "aligner_bank"
 # SamplingParams.extra_args / the server's vllm_xargs key that names a request's Aligner.
 REQUEST_KEY = "aligner"
-# The bank's path for the processes that check requests (the engine's front end, the API servers):
-# set by engine_args and `aligner serve`, inherited by the processes vLLM starts.
+# The bank's path for the API server processes that `aligner serve` starts (set in their environment
+# only), where requests are checked.
 BANK_ENV = "ALIGNER_VLLM_BANK"
 LOGITS_PROCESSOR = "aligner.serving.vllm:AlignerRequests"
 MIDDLEWARE = "aligner.serving.vllm.AlignerRequestsMiddleware"
@@ -87,8 +87,9 @@ def engine_args(
     bank file (:meth:`AlignerBank.save`) made for that base, or a Hub repo id (fetched into the local
     cache at ``bank_revision``, as :meth:`AlignerBank.load` does). ``kwargs``: any other vLLM engine
     argument; ``hf_overrides`` and ``logits_processors`` given there are kept and extended.
-    Checks the bank against the model's config here, before an engine starts, and sets
-    ``ALIGNER_VLLM_BANK`` in this process's environment (read where requests are checked).
+    Checks the bank against the model's config here, before an engine starts, and records it as
+    served by this process, where vLLM checks each request's Aligner name (with several engines of
+    different banks in one process, a name is accepted there if one of the banks holds it).
     """
     from transformers import AutoConfig
 
@@ -112,7 +113,7 @@ def engine_args(
     processors = list(kwargs.pop("logits_processors", None) or [])
     if LOGITS_PROCESSOR not in processors:
         processors.append(LOGITS_PROCESSOR)
-    os.environ[BANK_ENV] = str(path)
+    _SERVED_BANKS.add(str(path))
     return {"model": model, "hf_overrides": overrides, "logits_processors": processors, **kwargs}
 
 
@@ -153,6 +154,10 @@ def requests(
     return rows, row_params
 
 
+# The banks engine_args prepared engines for in this process (vLLM's front end runs here).
+_SERVED_BANKS: set[str] = set()
+
+
 @functools.lru_cache(maxsize=4)
 def _bank_names(path: str) -> frozenset[str]:
     return frozenset(AlignerBank.load(path).names)
@@ -167,15 +172,15 @@ def request_aligner(params: Any) -> str | None:
         return None
     if not isinstance(name, str) or not name:
         raise ValueError(f"{REQUEST_KEY!r} must be the name of an Aligner in the bank, got {name!r}")
-    path = os.environ.get(BANK_ENV)
-    if not path:
+    paths = sorted(_SERVED_BANKS | ({os.environ[BANK_ENV]} if os.environ.get(BANK_ENV) else set()))
+    if not paths:
         raise ValueError(
             f"the request names the Aligner {name!r} but this engine serves no bank: build it with "
             "aligner.serving.vllm.engine_args(model, bank=...) or start it with `aligner serve`"
         )
-    if name not in _bank_names(path):
+    if not any(name in _bank_names(path) for path in paths):
         # AlignerBank.index words the error (names a few known ones)
-        AlignerBank.load(path).index(name)
+        AlignerBank.load(paths[0]).index(name)
     return name
 
 

@@ -42,6 +42,8 @@ def test_batch_rows_follow_adds_removes_and_moves():
 
 
 def test_requests_are_checked_against_the_served_bank(bank_file, monkeypatch):
+    """As in the API server processes of `aligner serve`: the bank comes from their environment."""
+    monkeypatch.setattr(serving, "_SERVED_BANKS", set())  # no engine_args in this process
     monkeypatch.setenv(serving.BANK_ENV, str(bank_file))
     assert serving.request_aligner(params("json")) == "json"
     assert serving.request_aligner(params()) is None

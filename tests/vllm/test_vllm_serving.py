@@ -4,6 +4,8 @@ with aligner.load per row."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from conftest import ENGINE, hf_greedy, random_aligners
 from vllm import LLM, SamplingParams
@@ -84,6 +86,21 @@ def test_unknown_aligner_fails_that_request_only(llm):
         llm.generate(["Hello"], greedy(extra_args={serving.REQUEST_KEY: 3}))
     prompts, params = serving.requests(["Hello", "Hello"], ["json", None], greedy())
     assert len(llm.generate(prompts, params)) == 2  # the engine serves on
+
+
+def test_engine_args_serves_the_bank_without_touching_the_environment(model_dir, bank_file, monkeypatch):
+    monkeypatch.delenv(serving.BANK_ENV, raising=False)
+    monkeypatch.setattr(serving, "_SERVED_BANKS", set())
+    args = serving.engine_args(str(model_dir), bank_file, dtype="float32")
+    assert serving.BANK_ENV not in os.environ
+    assert args["hf_overrides"] == {
+        "architectures": ["AlignerLlamaForCausalLM"],
+        "aligner_bank": str(bank_file),
+    }
+    assert args["logits_processors"] == [serving.LOGITS_PROCESSOR] and args["dtype"] == "float32"
+    assert serving.request_aligner(SamplingParams(extra_args={"aligner": "caps"})) == "caps"
+    with pytest.raises(ValueError, match="no Aligner named 'capz'"):
+        serving.request_aligner(SamplingParams(extra_args={"aligner": "capz"}))
 
 
 def test_bank_for_another_base_is_refused_before_an_engine_starts(model_dir, tmp_path):
